@@ -44,7 +44,9 @@ def check_qkv(
     if isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
         raise ValueError(f"q_offset must be a non-negative integer, got {q_offset!r}")
     if nk != q_offset + nq:
-        raise ValueError(f"keys must cover the prefix: Nk ({nk}) != q_offset ({q_offset}) + Nq ({nq}); {shapes}")
+        raise ValueError(
+            f"keys must cover the prefix: Nk ({nk}) != q_offset ({q_offset}) + Nq ({nq}); {shapes}"
+        )
     tensors = [q, k] + ([] if v is None else [v])
     if len({t.dtype for t in tensors}) != 1:
         raise ValueError(f"q, k, v dtypes differ: {[t.dtype for t in tensors]} ({shapes})")
@@ -58,9 +60,7 @@ def check_qkv(
                 f"proxy_groups ({config.proxy_groups}) must divide KV heads ({hkv}); got {shapes}"
             )
         if q_offset % config.block_size:
-            raise ValueError(
-                f"q_offset ({q_offset}) must be a multiple of block_size ({config.block_size})"
-            )
+            raise ValueError(f"q_offset ({q_offset}) must be a multiple of block_size ({config.block_size})")
 
 
 def _check_index(q: torch.Tensor, k: torch.Tensor, index: BlockSparseIndex, q_offset: int) -> None:

@@ -96,9 +96,10 @@ def estimate_block_scores(
         tile = probs.reshape(b, g, m1 - m0, rows_per_block, nkb, keys_per_block).amax(dim=(3, 5))
         scores[:, :, m0:m1] = tile
 
-    causal = torch.arange(nkb, device=q.device)[None, :] < causal_blocks_per_row(
-        mq, q_offset, bs, q.device
-    )[:, None]
+    causal = (
+        torch.arange(nkb, device=q.device)[None, :]
+        < causal_blocks_per_row(mq, q_offset, bs, q.device)[:, None]
+    )
     return scores.masked_fill(~causal, float("-inf"))
 
 
@@ -148,7 +149,9 @@ def last_block_budgets(
     return (preceding < config.gamma).sum(dim=-1)
 
 
-def power_budgets(num_rows: int, q_offset: int, num_queries: int, config: ProxyAttnConfig, device) -> torch.Tensor:
+def power_budgets(
+    num_rows: int, q_offset: int, num_queries: int, config: ProxyAttnConfig, device
+) -> torch.Tensor:
     """The alpha * n**C budget per query block, in key blocks: ceil(alpha * n**C / B), where n is
     the number of keys the row's last query sees. Returns int64 [Mq]."""
     bs = config.block_size
