@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import reference
+from . import coarse, reference
 from .config import ProxyAttnConfig
 from .index import BlockSparseIndex
 
@@ -119,6 +119,8 @@ def estimate_block_scores(
 ) -> torch.Tensor:
     """Proxy block scores, float32 [B, g, Mq, Nk_blocks] (see reference.estimate_block_scores)."""
     check_qkv(q, k, None, q_offset, config)
+    if config.estimator == "meanpool":  # the coarse baseline is plain PyTorch on any device
+        return coarse.estimate_block_scores_meanpool(q, k, config, q_offset, scale)
     impl = _triton() if _use_triton(backend, q) else reference
     return impl.estimate_block_scores(q, k, config, q_offset, scale)
 
@@ -217,7 +219,10 @@ def proxy_attention(
             b, hq, config.proxy_groups, nq, nk, config.block_size, q_offset, device=q.device
         )
     else:
-        scores = impl.estimate_block_scores(q, k, config, q_offset, scale)
+        if config.estimator == "meanpool":
+            scores = coarse.estimate_block_scores_meanpool(q, k, config, q_offset, scale)
+        else:
+            scores = impl.estimate_block_scores(q, k, config, q_offset, scale)
         budgets = impl.head_budgets(q, k, config, q_offset, scale)
         index = impl.build_block_mask(scores, budgets, config, q_offset)
     out, _ = impl.block_sparse_attention(q, k, v, index, q_offset, scale)
