@@ -1,0 +1,266 @@
+"""The attention function the engine registers with transformers' AttentionInterface.
+
+A stock Hugging Face model (Llama, Qwen2/3, Mistral) loaded with
+`attn_implementation=ATTENTION_NAME` calls `prefill_attention(module, q, k, v, mask, ...)` in
+every layer, with q [B, Hq, Nq, d] for the chunk (after RoPE) and k, v [B, Hkv, Nk, d] for the whole
+prefix after the cache update, so the chunk's first query sits at q_offset = Nk - Nq. It returns
+[B, Nq, Hq, d] as transformers expects.
+
+What to do (ProxyAttn or dense, which config, where to record timings and sparsity) comes from the
+`PrefillContext` the engine activates around a prefill (`active_context`). Outside of one, e.g.
+when the same model object decodes, the function computes exact dense causal attention.
+
+Dense causal attention with an offset: PyTorch SDPA's `is_causal` aligns the causal triangle to
+the top-left, which is wrong when Nq < Nk. On CUDA we split the chunk's keys into the prefix
+[0, q_offset) (seen in full by every query: no mask) and the chunk's own keys [q_offset, Nk)
+(a square, causal top-left = correct), run each with cuDNN attention returning the log-sum-exp,
+and merge the two softmaxes exactly:
+    out = (o1 * exp(l1 - m) + o2 * exp(l2 - m)) / (exp(l1 - m) + exp(l2 - m)),  m = max(l1, l2).
+For the prefix part the query heads of a KV head are stacked along the sequence axis
+(their rows are independent when nothing is masked), so GQA needs no copy of K/V. On the CPU
+the explicit boolean mask is small at the lengths the CPU can handle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from proxyprefill.kernels import api
+from proxyprefill.kernels.api import ProxyAttnStats
+from proxyprefill.kernels.config import ProxyAttnConfig
+from proxyprefill.kernels.index import causal_blocks_per_row
+
+ATTENTION_NAME = "proxyprefill"
+MODES = ("proxy", "dense")
+
+# Which implementation the last dense CUDA call used ("cudnn", "flash", "masked-sdpa"), so that
+# benchmarks can report what actually ran.
+dense_path_used: dict[str, str] = {}
+
+
+# --------------------------------------------------------------------------------------------
+# Per-prefill context
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PrefillContext:
+    """What the attention function does during one prefill, and what it records.
+
+    sparsity_sum[layer, head] accumulates (causal sparsity of the chunk) x (chunk tokens); the
+    engine divides by the prompt length. Timings: CUDA event triples (start, estimated, done)
+    per call on GPU, synchronised once at the end; perf_counter sums on CPU.
+    """
+
+    mode: str
+    config: ProxyAttnConfig
+    num_layers: int
+    num_heads: int
+    device: torch.device
+    backend: str = "auto"
+    observer: Callable | None = None
+    fixed_density: float | None = None
+    sparsity_sum: torch.Tensor = field(init=False)
+    events: list = field(default_factory=list)
+    estimate_seconds: float = 0.0
+    attention_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"attention must be one of {MODES}, got {self.mode!r}")
+        self.sparsity_sum = torch.zeros(
+            self.num_layers, self.num_heads, dtype=torch.float64, device=self.device
+        )
+
+    # timing -------------------------------------------------------------------------------
+    def _mark(self):
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _record(self, start, estimated, done) -> None:
+        if self.device.type == "cuda":
+            self.events.append((start, estimated, done))
+        else:
+            self.estimate_seconds += estimated - start
+            self.attention_seconds += done - estimated
+
+    def finish_timing(self) -> tuple[float, float]:
+        """(estimate_seconds, attention_seconds), synchronising CUDA once."""
+        if self.events:
+            torch.cuda.synchronize()
+            for start, estimated, done in self.events:
+                self.estimate_seconds += start.elapsed_time(estimated) / 1000.0
+                self.attention_seconds += estimated.elapsed_time(done) / 1000.0
+            self.events.clear()
+        return self.estimate_seconds, self.attention_seconds
+
+
+_active: contextvars.ContextVar[PrefillContext | None] = contextvars.ContextVar(
+    "proxyprefill_ctx", default=None
+)
+
+
+@contextlib.contextmanager
+def active_context(context: PrefillContext):
+    """Route the registered attention function through `context` inside the block."""
+    token = _active.set(context)
+    try:
+        yield context
+    finally:
+        _active.reset(token)
+
+
+# --------------------------------------------------------------------------------------------
+# Dense causal attention with a query offset
+# --------------------------------------------------------------------------------------------
+def _lse_attention_cuda(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse float32 [B, H, Nq]) for equal head counts; cuDNN first, then flash."""
+    try:
+        result = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, causal, False, scale=scale
+        )
+        dense_path_used["kernel"] = "cudnn"
+    except (RuntimeError, AttributeError, NotImplementedError):
+        result = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+        dense_path_used["kernel"] = "flash"
+    out, lse = result[0], result[1]
+    return out, lse.reshape(q.shape[:3]).float()
+
+
+def _dense_cuda(q, k, v, q_offset: int, scale: float) -> torch.Tensor:
+    b, hq, nq, d = q.shape
+    hkv = k.shape[1]
+    rep = hq // hkv
+    # the chunk's own keys: a square, where top-left causal alignment is right
+    k_own = k[:, :, q_offset:].repeat_interleave(rep, dim=1) if rep > 1 else k[:, :, q_offset:]
+    v_own = v[:, :, q_offset:].repeat_interleave(rep, dim=1) if rep > 1 else v[:, :, q_offset:]
+    out_own, lse_own = _lse_attention_cuda(q, k_own, v_own, True, scale)
+    if q_offset == 0:
+        return out_own
+    # the prefix: every query sees all of it; stack each KV head's query heads along the rows
+    q_stacked = q.reshape(b, hkv, rep * nq, d)
+    out_pre, lse_pre = _lse_attention_cuda(
+        q_stacked, k[:, :, :q_offset].contiguous(), v[:, :, :q_offset].contiguous(), False, scale
+    )
+    out_pre = out_pre.reshape(b, hq, nq, d)
+    lse_pre = lse_pre.reshape(b, hq, nq)
+    top = torch.maximum(lse_pre, lse_own)
+    w_pre = torch.exp(lse_pre - top).unsqueeze(-1)
+    w_own = torch.exp(lse_own - top).unsqueeze(-1)
+    merged = (out_pre.float() * w_pre + out_own.float() * w_own) / (w_pre + w_own)
+    return merged.to(q.dtype)
+
+
+def dense_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, scale: float | None = None
+) -> torch.Tensor:
+    """Exact causal attention of a chunk: query i (absolute q_offset + i) sees keys 0..q_offset+i.
+
+    q [B, Hq, Nq, d], k/v [B, Hkv, q_offset + Nq, d] -> out [B, Hq, Nq, d] in q's dtype.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    rep = q.shape[1] // k.shape[1]
+    if q.is_cuda:
+        try:
+            return _dense_cuda(q, k, v, q_offset, scale)
+        except (RuntimeError, AttributeError, NotImplementedError):
+            dense_path_used["kernel"] = "masked-sdpa"
+    if q_offset == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=rep > 1)
+    nq, nk = q.shape[2], k.shape[2]
+    visible = (
+        torch.arange(nk, device=q.device)[None, :] <= (q_offset + torch.arange(nq, device=q.device))[:, None]
+    )
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=rep > 1)
+
+
+# --------------------------------------------------------------------------------------------
+# ProxyAttn for one chunk, with its stages timed
+# --------------------------------------------------------------------------------------------
+def fixed_density_budgets(
+    num_heads: int, num_queries: int, q_offset: int, density: float, config: ProxyAttnConfig, device
+) -> torch.Tensor:
+    """Budgets keeping ceil(density x causal blocks) of every row: int64 [1, Hq, Mq]. For timing
+    at a chosen sparsity where the model's attention (e.g. random weights) is near uniform."""
+    mq = -(-num_queries // config.block_size)
+    causal = causal_blocks_per_row(mq, q_offset, config.block_size, device)
+    budget = torch.ceil(causal.double() * density).long().clamp(min=1)
+    return torch.minimum(budget, causal).expand(1, num_heads, mq).contiguous()
+
+
+def _proxy_chunk(ctx: PrefillContext, layer_idx, q, k, v, q_offset, scale):
+    config = ctx.config
+    nq, nk = q.shape[2], k.shape[2]
+    if nk <= config.dense_below_tokens:
+        start = ctx._mark()
+        out = dense_causal_attention(q, k, v, q_offset, scale)
+        ctx._record(start, start, ctx._mark())
+        return out, None
+    start = ctx._mark()
+    scores = api.estimate_block_scores(q, k, config, q_offset, scale, ctx.backend)
+    budgets = api.head_budgets(q, k, config, q_offset, scale, ctx.backend)
+    if ctx.fixed_density is not None:
+        budgets = fixed_density_budgets(q.shape[1], nq, q_offset, ctx.fixed_density, config, q.device)
+        budgets = budgets.expand(q.shape[0], -1, -1)
+    index = api.build_block_mask(scores, budgets, config, q_offset, ctx.backend)
+    estimated = ctx._mark()
+    out, _ = api.block_sparse_attention(q, k, v, index, q_offset, scale, ctx.backend)
+    ctx._record(start, estimated, ctx._mark())
+    # causal sparsity of this chunk per head, weighted by its tokens; no host sync
+    total = int(causal_blocks_per_row(index.num_query_blocks, q_offset, config.block_size).sum())
+    kept = index.block_counts[0].to(torch.float64).sum(dim=-1)
+    ctx.sparsity_sum[layer_idx] += (1.0 - kept / total) * nq
+    return out, ProxyAttnStats(index=index, dense_fallback=False)
+
+
+def prefill_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    """transformers attention-interface entry: returns (out [B, Nq, Hq, d], None)."""
+    ctx = _active.get()
+    q_offset = key.shape[2] - query.shape[2]
+    if ctx is None:
+        if attention_mask is not None:  # padded batches etc.: transformers' own SDPA path
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout, scaling, **kwargs
+            )
+        out = dense_causal_attention(query, key, value, q_offset, scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    layer_idx = module.layer_idx
+    stats = None
+    if ctx.mode == "dense":
+        start = ctx._mark()
+        out = dense_causal_attention(query, key, value, q_offset, scaling)
+        ctx._record(start, start, ctx._mark())
+    else:
+        out, stats = _proxy_chunk(ctx, layer_idx, query, key, value, q_offset, scaling)
+    if ctx.observer is not None:
+        ctx.observer(layer_idx, query, key, value, stats, q_offset)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Register `prefill_attention` under ATTENTION_NAME (idempotent); returns the name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, prefill_attention)
+    return ATTENTION_NAME
