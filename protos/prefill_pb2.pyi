@@ -47,16 +47,18 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReturnOptions(_message.Message):
-    __slots__ = ("kv", "logits", "logit_positions", "lease_seconds")
+    __slots__ = ("kv", "logits", "logit_positions", "lease_seconds", "include_token_ids")
     KV_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     LOGIT_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     kv: KVReturn
     logits: LogitsReturn
     logit_positions: _containers.RepeatedScalarFieldContainer[int]
     lease_seconds: int
-    def __init__(self, kv: _Optional[_Union[KVReturn, str]] = ..., logits: _Optional[_Union[LogitsReturn, str]] = ..., logit_positions: _Optional[_Iterable[int]] = ..., lease_seconds: _Optional[int] = ...) -> None: ...
+    include_token_ids: bool
+    def __init__(self, kv: _Optional[_Union[KVReturn, str]] = ..., logits: _Optional[_Union[LogitsReturn, str]] = ..., logit_positions: _Optional[_Iterable[int]] = ..., lease_seconds: _Optional[int] = ..., include_token_ids: _Optional[bool] = ...) -> None: ...
 
 class ProxyAttnSettings(_message.Message):
     __slots__ = ("mode", "gamma", "min_budget_tokens", "stride", "budget", "alpha", "exponent", "dense_below_tokens")
@@ -131,7 +133,7 @@ class Logits(_message.Message):
     def __init__(self, positions: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class KVHeader(_message.Message):
-    __slots__ = ("model_id", "num_layers", "num_kv_heads", "head_dim", "dtype", "layout", "rope_theta", "rope_scaling_json", "num_tokens", "token_ids_sha256", "format_version")
+    __slots__ = ("model_id", "num_layers", "num_kv_heads", "head_dim", "dtype", "layout", "rope_theta", "rope_scaling_json", "num_tokens", "token_sha256", "format_version", "last_token_id")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -141,8 +143,9 @@ class KVHeader(_message.Message):
     ROPE_THETA_FIELD_NUMBER: _ClassVar[int]
     ROPE_SCALING_JSON_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_IDS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_SHA256_FIELD_NUMBER: _ClassVar[int]
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     num_layers: int
     num_kv_heads: int
@@ -152,12 +155,13 @@ class KVHeader(_message.Message):
     rope_theta: float
     rope_scaling_json: str
     num_tokens: int
-    token_ids_sha256: str
+    token_sha256: str
     format_version: int
-    def __init__(self, model_id: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., layout: _Optional[str] = ..., rope_theta: _Optional[float] = ..., rope_scaling_json: _Optional[str] = ..., num_tokens: _Optional[int] = ..., token_ids_sha256: _Optional[str] = ..., format_version: _Optional[int] = ...) -> None: ...
+    last_token_id: int
+    def __init__(self, model_id: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., layout: _Optional[str] = ..., rope_theta: _Optional[float] = ..., rope_scaling_json: _Optional[str] = ..., num_tokens: _Optional[int] = ..., token_sha256: _Optional[str] = ..., format_version: _Optional[int] = ..., last_token_id: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("header", "layer", "token_start", "token_end", "dtype", "shape", "keys", "values")
+    __slots__ = ("header", "layer", "token_start", "token_end", "dtype", "shape", "keys", "values", "token_ids")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     TOKEN_START_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +170,7 @@ class KVChunk(_message.Message):
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     header: KVHeader
     layer: int
     token_start: int
@@ -174,7 +179,8 @@ class KVChunk(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     keys: bytes
     values: bytes
-    def __init__(self, header: _Optional[_Union[KVHeader, _Mapping]] = ..., layer: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., keys: _Optional[bytes] = ..., values: _Optional[bytes] = ...) -> None: ...
+    token_ids: bytes
+    def __init__(self, header: _Optional[_Union[KVHeader, _Mapping]] = ..., layer: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., keys: _Optional[bytes] = ..., values: _Optional[bytes] = ..., token_ids: _Optional[bytes] = ...) -> None: ...
 
 class KVHandle(_message.Message):
     __slots__ = ("handle", "expires_at_unix_ms", "kv_bytes", "header", "worker")
@@ -243,16 +249,18 @@ class PrefillEvent(_message.Message):
     def __init__(self, accepted: _Optional[_Union[Accepted, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., logits: _Optional[_Union[Logits, _Mapping]] = ..., kv_chunk: _Optional[_Union[KVChunk, _Mapping]] = ..., kv_handle: _Optional[_Union[KVHandle, _Mapping]] = ..., summary: _Optional[_Union[Summary, _Mapping]] = ...) -> None: ...
 
 class FetchKVRequest(_message.Message):
-    __slots__ = ("handle", "max_chunk_bytes", "layer_start", "layer_end")
+    __slots__ = ("handle", "max_chunk_bytes", "layer_start", "layer_end", "include_token_ids")
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     handle: str
     max_chunk_bytes: int
     layer_start: int
     layer_end: int
-    def __init__(self, handle: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
+    include_token_ids: bool
+    def __init__(self, handle: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., include_token_ids: _Optional[bool] = ...) -> None: ...
 
 class RenewLeaseRequest(_message.Message):
     __slots__ = ("handle", "lease_seconds")

@@ -36,4 +36,10 @@ def test_generated_modules_import_from_the_package():
     assert prefill_pb2.DESCRIPTOR.package == "proxyprefill.v1"
     assert hasattr(prefill_pb2_grpc, "PrefillServiceServicer")
     service = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"]
-    assert {m.name for m in service.methods} >= {"Prefill", "FetchKV", "RenewLease", "ReleaseKV", "GetModelInfo"}
+    assert {m.name for m in service.methods} >= {
+        "Prefill",
+        "FetchKV",
+        "RenewLease",
+        "ReleaseKV",
+        "GetModelInfo",
+    }

@@ -1,0 +1,119 @@
+"""Admission control and routing by pending prompt tokens.
+
+A request is admitted when the prompt tokens already admitted and not yet finished, plus its own,
+stay within `max_pending_tokens`; otherwise RESOURCE_EXHAUSTED. Prompt tokens, not request counts,
+measure load: one 1M-token prompt costs more than a thousand short ones. An admitted request goes
+to the worker with the fewest pending tokens (ties: the lowest index) and waits there for one of
+the worker's `slots` (prefills it runs at once). Queue depth = admitted requests not yet running.
+
+Runs on the server's event loop (asyncio); not thread-safe by design.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+import grpc
+
+
+class AdmissionError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Ticket:
+    worker: int
+    tokens: int
+    queue_position: int  # requests ahead of this one on its worker when admitted
+    pending_tokens: int  # all pending tokens, this request included, when admitted
+    running: bool = False
+    finished: bool = False
+
+
+@dataclass
+class _Worker:
+    slots: asyncio.Semaphore
+    pending_tokens: int = 0
+    waiting: int = 0
+    running: int = 0
+
+
+class Admission:
+    def __init__(self, num_workers: int, max_pending_tokens: int, slots_per_worker: int = 1):
+        if num_workers < 1:
+            raise ValueError("num_workers must be >= 1")
+        self.max_pending_tokens = max_pending_tokens
+        self._workers = [_Worker(asyncio.Semaphore(slots_per_worker)) for _ in range(num_workers)]
+        self._closed = False
+
+    @property
+    def pending_tokens(self) -> int:
+        return sum(w.pending_tokens for w in self._workers)
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(w.waiting for w in self._workers)
+
+    @property
+    def running(self) -> int:
+        return sum(w.running for w in self._workers)
+
+    def worker_pending_tokens(self) -> list[int]:
+        return [w.pending_tokens for w in self._workers]
+
+    def close(self) -> None:
+        """Refuse every later admission (draining)."""
+        self._closed = True
+
+    def admit(self, tokens: int) -> Ticket:
+        if self._closed:
+            raise AdmissionError(grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another replica")
+        pending = self.pending_tokens
+        if pending + tokens > self.max_pending_tokens:
+            raise AdmissionError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server busy: {pending} prompt tokens pending, this prompt has {tokens}, "
+                f"the limit is {self.max_pending_tokens}; retry later",
+            )
+        index = min(range(len(self._workers)), key=lambda i: (self._workers[i].pending_tokens, i))
+        worker = self._workers[index]
+        worker.pending_tokens += tokens
+        worker.waiting += 1
+        ticket = Ticket(
+            index, tokens, queue_position=worker.waiting - 1 + worker.running, pending_tokens=pending + tokens
+        )
+        return ticket
+
+    @contextlib.asynccontextmanager
+    async def turn(self, ticket: Ticket):
+        """Waits for a slot on the ticket's worker, holds it for the body, then finishes the ticket
+        (also when the body raises or the wait is cancelled)."""
+        worker = self._workers[ticket.worker]
+        try:
+            async with worker.slots:
+                worker.waiting -= 1
+                worker.running += 1
+                ticket.running = True
+                try:
+                    yield ticket
+                finally:
+                    worker.running -= 1
+                    self.finish(ticket)
+        finally:
+            self.finish(ticket)
+
+    def finish(self, ticket: Ticket) -> None:
+        """Returns the ticket's tokens; idempotent, and safe for a ticket that never ran."""
+        if ticket.finished:
+            return
+        ticket.finished = True
+        worker = self._workers[ticket.worker]
+        if not ticket.running:
+            worker.waiting -= 1
+        ticket.running = False
+        worker.pending_tokens -= ticket.tokens

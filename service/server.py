@@ -1,0 +1,624 @@
+"""The gRPC front end (grpc.aio): validates, admits and routes requests; the Ray workers compute.
+
+    server = PrefillServer(config, WorkerPool.start(...))
+    port = await server.start()
+    ...
+    await server.drain()          # what SIGTERM does: NOT_SERVING, finish in-flight work, stop
+
+What the server knows of a worker is its index and model description; what a worker knows of a
+request is a plan (token ids, chunk size, logits, attention settings, where to keep the KV). The
+KV tensors stay on the worker that made them, under a lease kept here (service/leases.py).
+
+Cancellation: a client that cancels, or whose deadline passes, makes grpc.aio cancel the handler
+task; the handler then sets the request's stop flag on its worker, which stops the prefill at the
+next chunk and drops its partial KV. KV already kept for the request is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+import uuid
+from types import SimpleNamespace
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from proxyprefill import __version__
+from proxyprefill.protos import prefill_pb2 as pb
+from proxyprefill.protos import prefill_pb2_grpc as pb_grpc
+
+from .admission import Admission, AdmissionError
+from .auth import Authenticator, AuthError, Principal
+from .config import ServerConfig
+from .leases import Lease, LeaseError, LeaseTable, new_handle
+from .metrics import ServiceMetrics
+from .validation import Limits, PrefillPlan, RequestError, validate_prefill
+
+log = logging.getLogger("proxyprefill.service")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PrefillService"].full_name
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+_SWEEP_SECONDS = 1.0
+
+_REQUEST_ERRORS = (RequestError, LeaseError, AdmissionError, AuthError)
+
+
+def kv_header_message(header: dict, last_token_id: int = -1) -> pb.KVHeader:
+    return pb.KVHeader(
+        model_id=header["model_id"],
+        num_layers=header["num_layers"],
+        num_kv_heads=header["num_kv_heads"],
+        head_dim=header["head_dim"],
+        dtype=header["dtype"],
+        layout=header.get("layout", ""),
+        rope_theta=float(header["rope_theta"]),
+        rope_scaling_json=json.dumps(header.get("rope_scaling")),
+        num_tokens=header["num_tokens"],
+        token_sha256=header["token_sha256"],
+        format_version=header.get("format_version", 0),
+        last_token_id=last_token_id,
+    )
+
+
+def kv_chunk_message(item: dict) -> pb.KVChunk:
+    if item["kind"] == "tokens":
+        return pb.KVChunk(
+            token_start=item["start"], token_end=item["end"], dtype="int64", token_ids=item["data"]
+        )
+    return pb.KVChunk(
+        layer=item["layer"],
+        token_start=item["start"],
+        token_end=item["end"],
+        dtype=item["dtype"],
+        shape=item["shape"],
+        keys=item["keys"],
+        values=item["values"],
+    )
+
+
+class _WorkerGone(Exception):
+    pass
+
+
+class PrefillServer(pb_grpc.PrefillServiceServicer):
+    def __init__(self, config: ServerConfig, pool, metrics: ServiceMetrics | None = None):
+        self.config = config
+        self.pool = pool
+        self.model_info = dict(pool.model_info)
+        self.limits = Limits.from_config(config, SimpleNamespace(**self.model_info))
+        self.leases = LeaseTable(
+            config.kv_memory_cap_bytes, config.default_lease_seconds, config.max_lease_seconds
+        )
+        self.admission = Admission(len(pool.actors), config.max_pending_tokens, config.worker_slots)
+        self.auth = Authenticator.from_config(config)
+        self.metrics = metrics or ServiceMetrics()
+        self.health = health.aio.HealthServicer()
+        self._tokenizer = None
+        self._server: grpc.aio.Server | None = None
+        self._sweeper: asyncio.Task | None = None
+        self._draining = False
+        self._stopped = asyncio.Event()
+        self.port: int | None = None
+
+    # lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> int:
+        """Binds, starts serving, and returns the port (useful with listen 'HOST:0')."""
+        if self.model_info.get("has_tokenizer"):
+            self._tokenizer = await asyncio.to_thread(self.pool.tokenizer)
+        limit = self.config.max_message_bytes
+        server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        )
+        pb_grpc.add_PrefillServiceServicer_to_server(self, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+        if self.config.tls_enabled:
+            credentials = _server_credentials(self.config)
+            self.port = server.add_secure_port(self.config.listen, credentials)
+        else:
+            self.port = server.add_insecure_port(self.config.listen)
+        if self.config.metrics_port is not None:
+            self.metrics.serve_http(self.config.metrics_port)
+        await server.start()
+        self._server = server
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self._sweeper = asyncio.create_task(self._sweep_expired())
+        log.info(
+            "serving %s on port %s (%d workers)",
+            self.model_info["model_id"],
+            self.port,
+            len(self.pool.actors),
+        )
+        return self.port
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Graceful stop: health NOT_SERVING, refuse new prefills, let in-flight RPCs finish
+        within `grace` seconds, then free every lease's KV."""
+        if self._draining:
+            await self._stopped.wait()
+            return
+        self._draining = True
+        self.admission.close()
+        await self.health.enter_graceful_shutdown()
+        grace = self.config.drain_seconds if grace is None else grace
+        log.info("draining: %d running, %d queued", self.admission.running, self.admission.queue_depth)
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for lease in self.leases.drain_all():
+            with contextlib.suppress(Exception):
+                await self.pool.release(self._worker_index(lease.worker), lease.handle)
+        self._update_gauges()
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, lambda: asyncio.ensure_future(self.drain()))
+
+    async def _sweep_expired(self) -> None:
+        while True:
+            await asyncio.sleep(_SWEEP_SECONDS)
+            for lease in self.leases.pop_expired():
+                self.metrics.leases_expired.inc()
+                log.info("lease expired handle=%s... bytes=%d", lease.handle[:8], lease.kv_bytes)
+                with contextlib.suppress(Exception):
+                    await self.pool.release(self._worker_index(lease.worker), lease.handle)
+            self._update_gauges()
+
+    # helpers ---------------------------------------------------------------------------------
+    def _identify(self, context) -> Principal:
+        return self.auth.identify(context.invocation_metadata(), context.peer())
+
+    def _worker_index(self, name: str) -> int:
+        return self.pool.names.index(name)
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        m.queue_depth.set(self.admission.queue_depth)
+        m.running.set(self.admission.running)
+        m.pending_tokens.set(self.admission.pending_tokens)
+        m.kv_bytes_held.set(self.leases.held_bytes)
+        m.kv_handles.set(len(self.leases))
+
+    def _tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def _kv_bytes_estimate(self, num_tokens: int) -> int:
+        info = self.model_info
+        item = _DTYPE_BYTES.get(info["dtype"], 4)
+        return 2 * info["num_layers"] * info["num_kv_heads"] * info["head_dim"] * item * num_tokens
+
+    async def _abort(self, context, method: str, code: grpc.StatusCode, message: str):
+        self.metrics.requests.labels(method, code.name).inc()
+        await context.abort(code, message)
+
+    # Prefill ---------------------------------------------------------------------------------
+    async def Prefill(self, request, context):
+        accepted_at = time.perf_counter()
+        try:
+            principal = self._identify(context)
+            if self._draining:
+                raise AdmissionError(
+                    grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another replica"
+                )
+            if request.WhichOneof("input") == "text":
+                tokenize = self._tokenize if self._tokenizer is not None else None
+                plan = await asyncio.to_thread(validate_prefill, request, self.limits, tokenize)
+            else:
+                plan = validate_prefill(request, self.limits, None)
+        except _REQUEST_ERRORS as error:
+            await self._abort(context, "Prefill", error.code, error.message)
+            return
+
+        reservation = None
+        try:
+            if plan.kv_return != "none":
+                reservation = self.leases.reserve(self._kv_bytes_estimate(plan.num_tokens))
+            ticket = self.admission.admit(plan.num_tokens)
+        except _REQUEST_ERRORS as error:
+            if reservation is not None:
+                self.leases.cancel(reservation)
+            await self._abort(context, "Prefill", error.code, error.message)
+            return
+
+        worker_name = self.pool.names[ticket.worker]
+        self._update_gauges()
+        log.info(
+            "prefill accepted request_id=%s tokens=%d worker=%s position=%d",
+            plan.request_id,
+            plan.num_tokens,
+            worker_name,
+            ticket.queue_position,
+        )
+        try:
+            yield pb.PrefillEvent(
+                accepted=pb.Accepted(
+                    request_id=plan.request_id,
+                    num_tokens=plan.num_tokens,
+                    queue_position=ticket.queue_position,
+                    pending_tokens=ticket.pending_tokens,
+                    worker=worker_name,
+                )
+            )
+            async for event in self._run_prefill(
+                plan, ticket, worker_name, principal, reservation, accepted_at
+            ):
+                yield event
+        except _REQUEST_ERRORS as error:
+            await self._abort(context, "Prefill", error.code, error.message)
+        except asyncio.CancelledError:
+            self.metrics.requests.labels("Prefill", "CANCELLED").inc()
+            raise
+        else:
+            self.metrics.requests.labels("Prefill", "OK").inc()
+        finally:
+            self.admission.finish(ticket)
+            if reservation is not None:
+                self.leases.cancel(reservation)
+            self._update_gauges()
+
+    async def _run_prefill(self, plan: PrefillPlan, ticket, worker_name, principal, reservation, accepted_at):
+        key = uuid.uuid4().hex
+        keep_handle = new_handle() if plan.kv_return != "none" else None
+        kept = False  # KV stored on the worker that no lease owns yet
+        options = {
+            "chunk_size": plan.chunk_size,
+            "logits": plan.logits,
+            "attention": plan.attention,
+            "config": plan.proxy_config.to_dict(),
+            "keep_handle": keep_handle,
+        }
+        worker = ticket.worker
+        try:
+            async with self.admission.turn(ticket):
+                queue_seconds = time.perf_counter() - accepted_at
+                self.metrics.queue_latency.observe(queue_seconds)
+                self._update_gauges()
+                result = None
+                try:
+                    async for ref in self.pool.prefill(worker, key, plan.token_ids, options):
+                        item = await ref
+                        if item["kind"] == "progress":
+                            yield pb.PrefillEvent(
+                                progress=pb.Progress(tokens_done=item["done"], total_tokens=item["total"])
+                            )
+                        else:
+                            result = item
+                except asyncio.CancelledError:
+                    self.metrics.cancelled.inc()
+                    self.pool.cancel(worker, key)
+                    log.info("prefill cancelled request_id=%s", plan.request_id)
+                    raise
+                except Exception as error:
+                    raise _ray_error(error) from None
+            kept = keep_handle is not None and result is not None and result["kind"] == "result"
+            if result is None or result["kind"] == "cancelled":
+                raise RequestError(grpc.StatusCode.CANCELLED, "prefill was cancelled on its worker")
+            if result["kind"] == "error":
+                code = (
+                    grpc.StatusCode.INVALID_ARGUMENT
+                    if result["error"] == "invalid"
+                    else grpc.StatusCode.INTERNAL
+                )
+                raise RequestError(code, result["message"])
+
+            for piece in self._logit_pieces(result):
+                yield pb.PrefillEvent(logits=piece)
+            header = kv_header_message(result["header"], int(plan.token_ids[-1]))
+            if plan.kv_return == "inline":
+                first = True
+                async for item in self._worker_kv(
+                    worker, keep_handle, self.config.default_kv_chunk_bytes, plan
+                ):
+                    chunk = kv_chunk_message(item)
+                    if first:
+                        chunk.header.CopyFrom(header)
+                        first = False
+                    self.metrics.kv_bytes_sent.inc(len(chunk.keys) + len(chunk.values))
+                    yield pb.PrefillEvent(kv_chunk=chunk)
+            elif plan.kv_return == "handle":
+                lease = self.leases.commit(
+                    reservation,
+                    keep_handle,
+                    owner=principal.name,
+                    worker=worker_name,
+                    kv_bytes=result["kv_bytes"],
+                    num_tokens=result["num_tokens"],
+                    seconds=plan.lease_seconds,
+                    header=result["header"],
+                    last_token_id=int(plan.token_ids[-1]),
+                )
+                kept = False
+                self._update_gauges()
+                yield pb.PrefillEvent(
+                    kv_handle=pb.KVHandle(
+                        handle=lease.handle,
+                        expires_at_unix_ms=lease.expires_at_unix_ms,
+                        kv_bytes=lease.kv_bytes,
+                        header=header,
+                        worker=worker_name,
+                    )
+                )
+            yield pb.PrefillEvent(summary=self._summary(plan, result, queue_seconds, accepted_at))
+        finally:
+            if kept:  # cancelled or failed after the worker kept KV: nobody owns it
+                with contextlib.suppress(Exception):
+                    await self.pool.release(worker, keep_handle)
+
+    def _logit_pieces(self, result: dict):
+        logits = result["logits"]
+        if logits is None or logits.shape[0] == 0:
+            return
+        logits = np.ascontiguousarray(logits, dtype="<f4")
+        positions = result["logit_positions"]
+        row_bytes = logits.shape[1] * 4
+        rows = max(1, self.config.max_kv_chunk_bytes // row_bytes)
+        for start in range(0, logits.shape[0], rows):
+            part = logits[start : start + rows]
+            yield pb.Logits(
+                positions=positions[start : start + rows],
+                dtype="float32",
+                shape=list(part.shape),
+                data=part.tobytes(),
+            )
+
+    def _summary(
+        self, plan: PrefillPlan, result: dict, queue_seconds: float, accepted_at: float
+    ) -> pb.Summary:
+        sparsity = np.asarray(result["sparsity"], dtype=np.float64)
+        layer_sparsity = sparsity.mean(axis=1) if sparsity.ndim == 2 and sparsity.size else np.zeros(0)
+        mean_sparsity = float(sparsity.mean()) if sparsity.size else 0.0
+        prefill_seconds = result["total_seconds"]
+        rate = result["num_tokens"] / prefill_seconds if prefill_seconds > 0 else 0.0
+        total = time.perf_counter() - accepted_at
+        m = self.metrics
+        m.prefill_latency.observe(total)
+        m.estimate_seconds.observe(result["estimate_seconds"])
+        m.tokens_per_second.observe(rate)
+        m.prompt_tokens.inc(result["num_tokens"])
+        m.sparsity.observe(mean_sparsity)
+        log.info(
+            "prefill done request_id=%s tokens=%d sparsity=%.3f prefill_s=%.3f total_s=%.3f",
+            plan.request_id,
+            result["num_tokens"],
+            mean_sparsity,
+            prefill_seconds,
+            total,
+        )
+        return pb.Summary(
+            request_id=plan.request_id,
+            num_tokens=result["num_tokens"],
+            sparsity=mean_sparsity,
+            layer_sparsity=layer_sparsity.tolist(),
+            timings=pb.Timings(
+                queue_seconds=queue_seconds,
+                prefill_seconds=prefill_seconds,
+                estimate_seconds=result["estimate_seconds"],
+                attention_seconds=result["attention_seconds"],
+                total_seconds=total,
+            ),
+            kv_bytes=result["kv_bytes"] if plan.kv_return != "none" else 0,
+            peak_memory_bytes=result["peak_memory_bytes"],
+            tokens_per_second=rate,
+            attention_mode=result["attention"],
+        )
+
+    async def _worker_kv(self, worker: int, handle: str, max_chunk_bytes: int, plan=None, request=None):
+        """KV pieces of `handle` from its worker (inline prefill or FetchKV)."""
+        if request is not None:
+            args = (
+                request.layer_start if request.HasField("layer_start") else 0,
+                request.layer_end if request.HasField("layer_end") else None,
+                request.include_token_ids,
+            )
+        else:
+            args = (0, None, plan.include_token_ids)
+        try:
+            async for ref in self.pool.fetch(worker, handle, max_chunk_bytes, *args):
+                item = await ref
+                if item["kind"] == "missing":
+                    raise _WorkerGone()
+                yield item
+        except _WorkerGone:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "the KV is no longer on its worker (restarted); prefill again",
+            ) from None
+        except _REQUEST_ERRORS:
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            raise _ray_error(error) from None
+
+    # KV handles ------------------------------------------------------------------------------
+    async def FetchKV(self, request, context):
+        try:
+            principal = self._identify(context)
+            lease = self.leases.get(request.handle, principal.name)
+            max_chunk = request.max_chunk_bytes or self.config.default_kv_chunk_bytes
+            if max_chunk < 1024:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"max_chunk_bytes must be >= 1024, got {max_chunk}"
+                )
+            max_chunk = min(max_chunk, self.config.max_kv_chunk_bytes)
+            layers = lease.header["num_layers"]
+            start = request.layer_start if request.HasField("layer_start") else 0
+            end = request.layer_end if request.HasField("layer_end") else layers
+            if not 0 <= start < end <= layers:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"layer_start/layer_end must satisfy 0 <= start < end <= {layers}, got [{start}, {end})",
+                )
+        except _REQUEST_ERRORS as error:
+            await self._abort(context, "FetchKV", error.code, error.message)
+            return
+        header = kv_header_message(lease.header, lease.last_token_id)
+        first = True
+        try:
+            async for item in self._worker_kv(
+                self._worker_index(lease.worker), lease.handle, max_chunk, request=request
+            ):
+                chunk = kv_chunk_message(item)
+                if first:
+                    chunk.header.CopyFrom(header)
+                    first = False
+                self.metrics.kv_bytes_sent.inc(len(chunk.keys) + len(chunk.values))
+                yield chunk
+        except _REQUEST_ERRORS as error:
+            await self._abort(context, "FetchKV", error.code, error.message)
+            return
+        self.metrics.requests.labels("FetchKV", "OK").inc()
+
+    async def RenewLease(self, request, context):
+        try:
+            principal = self._identify(context)
+            lease = self.leases.renew(request.handle, principal.name, request.lease_seconds)
+        except _REQUEST_ERRORS as error:
+            await self._abort(context, "RenewLease", error.code, error.message)
+            return None
+        self.metrics.requests.labels("RenewLease", "OK").inc()
+        return _lease_info(lease)
+
+    async def ReleaseKV(self, request, context):
+        try:
+            principal = self._identify(context)
+            lease = self.leases.release(request.handle, principal.name)
+        except _REQUEST_ERRORS as error:
+            await self._abort(context, "ReleaseKV", error.code, error.message)
+            return None
+        freed = 0
+        with contextlib.suppress(Exception):
+            freed = await self.pool.release(self._worker_index(lease.worker), lease.handle)
+        self._update_gauges()
+        self.metrics.requests.labels("ReleaseKV", "OK").inc()
+        return pb.ReleaseKVResponse(released_bytes=freed or lease.kv_bytes)
+
+    async def GetModelInfo(self, request, context):
+        try:
+            self._identify(context)
+        except AuthError as error:
+            await self._abort(context, "GetModelInfo", error.code, error.message)
+            return None
+        info, limits, config = self.model_info, self.limits, self.config
+        eos = info.get("eos_token_id")
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        self.metrics.requests.labels("GetModelInfo", "OK").inc()
+        return pb.ModelInfo(
+            model_id=info["model_id"],
+            architecture=info["architecture"],
+            num_layers=info["num_layers"],
+            num_heads=info["num_heads"],
+            num_kv_heads=info["num_kv_heads"],
+            head_dim=info["head_dim"],
+            vocab_size=info["vocab_size"],
+            max_position_embeddings=info["max_position_embeddings"],
+            dtype=info["dtype"],
+            rope_theta=float(info["rope_theta"]),
+            rope_scaling_json=json.dumps(info.get("rope_scaling")),
+            eos_token_ids=eos_ids,
+            num_workers=len(self.pool.actors),
+            server_version=__version__,
+            limits=pb.ServerLimits(
+                max_prompt_tokens=limits.max_prompt_tokens,
+                max_pending_tokens=config.max_pending_tokens,
+                default_chunk_size=limits.default_chunk_size,
+                min_chunk_size=limits.min_chunk_size,
+                max_chunk_size=limits.max_chunk_size,
+                default_lease_seconds=limits.default_lease_seconds,
+                max_lease_seconds=limits.max_lease_seconds,
+                kv_memory_cap_bytes=config.kv_memory_cap_bytes,
+                max_kv_chunk_bytes=config.max_kv_chunk_bytes,
+                max_logit_positions=limits.max_logit_positions,
+                min_gamma=limits.min_gamma,
+                min_budget_tokens_floor=limits.min_budget_tokens_floor,
+                allowed_strides=limits.allowed_strides,
+                default_attention_mode=limits.default_attention,
+            ),
+        )
+
+
+def _lease_info(lease: Lease) -> pb.LeaseInfo:
+    return pb.LeaseInfo(
+        handle=lease.handle,
+        expires_at_unix_ms=lease.expires_at_unix_ms,
+        kv_bytes=lease.kv_bytes,
+        num_tokens=lease.num_tokens,
+    )
+
+
+def _ray_error(error: Exception) -> RequestError:
+    """A worker that died answers UNAVAILABLE (retryable); anything else INTERNAL."""
+    name = type(error).__name__
+    if "ActorDied" in name or "ActorUnavailable" in name or "RayActorError" in name:
+        log.warning("worker lost: %s", error)
+        return RequestError(grpc.StatusCode.UNAVAILABLE, "the worker was lost; retry the request")
+    log.error("worker call failed: %s: %s", name, error)
+    return RequestError(grpc.StatusCode.INTERNAL, f"worker call failed: {name}")
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
+    from pathlib import Path
+
+    key = Path(config.tls_key).read_bytes()
+    cert = Path(config.tls_cert).read_bytes()
+    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=bool(client_ca)
+    )
+
+
+def engine_kwargs(config: ServerConfig) -> dict:
+    return {
+        "path": config.model,
+        "attention": config.attention,
+        "config": config.proxy_config(),
+        "device": config.device,
+        "dtype": config.dtype,
+        "backend": config.backend,
+    }
+
+
+async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> None:
+    """Runs the service until SIGTERM/SIGINT (then drains): local Ray unless ray_address is set."""
+    from proxyprefill.workers.ray_pool import WorkerPool
+
+    pool = await asyncio.to_thread(
+        WorkerPool.start,
+        engine_kwargs(config),
+        num_workers=config.num_workers,
+        ray_address=config.ray_address,
+        ray_num_cpus=config.ray_num_cpus,
+    )
+    server = PrefillServer(config, pool)
+    try:
+        await server.start()
+        server.install_signal_handlers()
+        if ready is not None:
+            ready.set()
+        await server.wait()
+    finally:
+        await server.drain(0)
+        pool.shutdown()

@@ -1,0 +1,306 @@
+"""The service's parts without a server: configuration, auth, leases, admission, validation."""
+
+import asyncio
+import json
+
+import grpc
+import numpy as np
+import pytest
+
+from proxyprefill.protos import prefill_pb2 as pb
+from proxyprefill.service import config as config_mod
+from proxyprefill.service.admission import Admission, AdmissionError
+from proxyprefill.service.auth import Authenticator, AuthError, parse_tokens, peer_principal
+from proxyprefill.service.leases import HANDLE_PATTERN, LeaseError, LeaseTable, new_handle
+from proxyprefill.service.validation import Limits, RequestError, validate_prefill
+
+TOKEN_A = "alice-token-0123456789"
+TOKEN_B = "bob-token-0123456789ab"
+
+
+# configuration -------------------------------------------------------------------------------
+def test_config_layers_flags_over_environment_over_file(tmp_path):
+    path = tmp_path / "server.toml"
+    path.write_text(
+        '[server]\nmax_pending_tokens = 1000\ndefault_lease_seconds = 20\nlisten = "0.0.0.0:7000"\n'
+    )
+    parser = config_mod.argparse.ArgumentParser()
+    config_mod.add_flags(parser)
+    args = parser.parse_args(["--config", str(path), "--default-lease-seconds", "30"])
+    environ = {"PROXYPREFILL_MAX_PENDING_TOKENS": "2000", "PROXYPREFILL_DEFAULT_LEASE_SECONDS": "25"}
+    config = config_mod.load(args, environ=environ)
+    assert config.listen == "0.0.0.0:7000"  # file
+    assert config.max_pending_tokens == 2000  # environment over file
+    assert config.default_lease_seconds == 30  # flag over both
+
+
+def test_config_json_file_and_errors_name_the_field(tmp_path):
+    path = tmp_path / "server.json"
+    path.write_text(json.dumps({"gamma": 0.9}))
+    assert config_mod.load(environ={"PROXYPREFILL_CONFIG": str(path)}).gamma == 0.9
+    path.write_text(json.dumps({"no_such_field": 1}))
+    with pytest.raises(config_mod.ConfigError, match="no_such_field"):
+        config_mod.load(environ={"PROXYPREFILL_CONFIG": str(path)})
+    with pytest.raises(config_mod.ConfigError, match="max_pending_tokens"):
+        config_mod.load(environ={"PROXYPREFILL_MAX_PENDING_TOKENS": "lots"})
+    with pytest.raises(config_mod.ConfigError, match="gamma"):
+        config_mod.load(environ={}, gamma=0.2)
+    with pytest.raises(config_mod.ConfigError, match="tls_key"):
+        config_mod.load(environ={}, tls_cert=str(path))
+
+
+# auth ----------------------------------------------------------------------------------------
+def test_parse_tokens_file_and_environment_forms():
+    assert parse_tokens(f"# comment\nalice {TOKEN_A}\n\nbob {TOKEN_B}\n") == {
+        TOKEN_A: "alice",
+        TOKEN_B: "bob",
+    }
+    assert parse_tokens(f"alice={TOKEN_A},bob={TOKEN_B}", separator=",") == {TOKEN_A: "alice", TOKEN_B: "bob"}
+    with pytest.raises(ValueError, match="shorter"):
+        parse_tokens("alice short")
+    with pytest.raises(ValueError, match="also the token"):
+        parse_tokens(f"alice {TOKEN_A}\nbob {TOKEN_A}")
+
+
+def test_authenticator_codes():
+    auth = Authenticator({TOKEN_A: "alice"})
+    assert auth.identify([("authorization", f"Bearer {TOKEN_A}")], "ipv4:1.2.3.4:5").name == "alice"
+    for metadata, message in [
+        ([], "missing"),
+        ([("authorization", f"Basic {TOKEN_A}")], "Bearer"),
+        ([("authorization", "Bearer not-a-known-token-at-all")], "unknown"),
+    ]:
+        with pytest.raises(AuthError, match=message) as caught:
+            auth.identify(metadata, "ipv4:1.2.3.4:5")
+        assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+    anonymous = Authenticator().identify([], "ipv4:10.0.0.7:4242")
+    assert anonymous.name == "ipv4:10.0.0.7" and not anonymous.authenticated
+
+
+def test_peer_principal_drops_the_port():
+    assert peer_principal("ipv4:127.0.0.1:5123") == "ipv4:127.0.0.1"
+    assert peer_principal("ipv6:%5B::1%5D:5123") == "ipv6:%5B::1%5D"
+    assert peer_principal("unix:/tmp/sock") == "unix:/tmp/sock"
+
+
+# leases --------------------------------------------------------------------------------------
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def _lease(table, owner="alice", nbytes=100, seconds=10):
+    reservation = table.reserve(nbytes)
+    return table.commit(
+        reservation, new_handle(), owner, "worker-0", nbytes, 7, seconds, header={"num_layers": 1}
+    )
+
+
+def test_handles_are_128_bit_hex_and_distinct():
+    handles = {new_handle() for _ in range(1000)}
+    assert len(handles) == 1000 and all(HANDLE_PATTERN.match(h) for h in handles)
+
+
+def test_lease_lifecycle_codes():
+    clock = Clock()
+    table = LeaseTable(cap_bytes=1000, default_seconds=10, max_seconds=60, clock=clock)
+    lease = _lease(table)
+    assert table.get(lease.handle, "alice") is lease
+    with pytest.raises(LeaseError) as caught:
+        table.get(lease.handle, "bob")
+    assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(LeaseError) as caught:
+        table.get("zz" * 16, "alice")
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(LeaseError) as caught:
+        table.get(new_handle(), "alice")
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
+
+    clock.now += 5
+    assert table.renew(lease.handle, "alice", 30).expires_at == clock.now + 30
+    with pytest.raises(LeaseError) as caught:
+        table.renew(lease.handle, "alice", 61)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+    clock.now += 31
+    with pytest.raises(LeaseError) as caught:
+        table.get(lease.handle, "alice")
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert [x.handle for x in table.pop_expired()] == [lease.handle]  # the sweeper still frees it
+    assert table.held_bytes == 0
+
+    other = _lease(table)
+    table.release(other.handle, "alice")
+    with pytest.raises(LeaseError) as caught:
+        table.get(other.handle, "alice")
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND and "released" in caught.value.message
+
+
+def test_memory_cap_counts_held_and_reserved_bytes():
+    table = LeaseTable(cap_bytes=1000, default_seconds=10, max_seconds=60)
+    held = _lease(table, nbytes=600)
+    pending = table.reserve(300)
+    with pytest.raises(LeaseError) as caught:
+        table.reserve(200)
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    table.cancel(pending)
+    table.cancel(pending)  # idempotent
+    assert table.reserved_bytes == 0
+    table.reserve(400)
+    table.release(held.handle, "alice")
+    assert table.held_bytes == 0
+
+
+# admission -----------------------------------------------------------------------------------
+def test_admission_routes_by_pending_tokens_and_refuses_beyond_the_limit():
+    async def scenario():
+        admission = Admission(num_workers=2, max_pending_tokens=1000, slots_per_worker=1)
+        big = admission.admit(600)
+        small = admission.admit(100)
+        assert (big.worker, small.worker) == (0, 1)
+        third = admission.admit(200)
+        assert third.worker == 1 and third.queue_position == 1  # behind `small` on worker 1
+        with pytest.raises(AdmissionError) as caught:
+            admission.admit(101)
+        assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert admission.queue_depth == 3
+
+        order = []
+
+        async def run(ticket, name):
+            async with admission.turn(ticket):
+                order.append(name)
+                await asyncio.sleep(0.01)
+
+        await asyncio.gather(run(small, "small"), run(third, "third"), run(big, "big"))
+        assert order.index("small") < order.index("third")
+        assert admission.pending_tokens == 0 and admission.queue_depth == 0 and admission.running == 0
+
+        # a ticket cancelled while it waits returns its tokens
+        holder, waiter = admission.admit(10), admission.admit(10)
+        waiter_2 = admission.admit(10)
+        assert waiter_2.worker == holder.worker
+
+        async def hold():
+            async with admission.turn(holder):
+                await asyncio.sleep(0.2)
+
+        task_hold = asyncio.create_task(hold())
+        await asyncio.sleep(0.01)
+        task_wait = asyncio.create_task(run(waiter_2, "never"))
+        await asyncio.sleep(0.01)
+        task_wait.cancel()
+        await asyncio.gather(task_wait, return_exceptions=True)
+        admission.finish(waiter)  # never ran at all
+        await task_hold
+        assert admission.pending_tokens == 0 and admission.queue_depth == 0
+        admission.close()
+        with pytest.raises(AdmissionError) as caught:
+            admission.admit(1)
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+    asyncio.run(scenario())
+
+
+# validation ----------------------------------------------------------------------------------
+LIMITS = Limits.from_config(
+    config_mod.ServerConfig(max_prompt_tokens=1000, max_logit_positions=8, min_budget_tokens=256),
+    type("Info", (), {"vocab_size": 100, "max_position_embeddings": 4096})(),
+)
+
+
+def _request(**fields):
+    request = pb.PrefillRequest(**fields)
+    if "text" not in fields and "tokens" not in fields:
+        request.tokens.ids.extend([1, 2, 3, 4, 5])
+    return request
+
+
+def _error(request, tokenize=None):
+    with pytest.raises(RequestError) as caught:
+        validate_prefill(request, LIMITS, tokenize)
+    return caught.value
+
+
+def test_validation_defaults():
+    plan = validate_prefill(_request(), LIMITS, None)
+    assert plan.kv_return == "handle" and plan.logits == "none" and plan.chunk_size == 8192
+    assert plan.attention == "proxy" and plan.proxy_config.min_budget_tokens == 256
+    assert plan.token_ids.dtype == np.int64 and plan.num_tokens == 5 and len(plan.request_id) == 32
+
+
+def test_validation_text_uses_the_tokenizer():
+    plan = validate_prefill(
+        pb.PrefillRequest(text="a b c"), LIMITS, lambda text, special: [7] * len(text.split())
+    )
+    assert plan.token_ids.tolist() == [7, 7, 7] and plan.from_text
+
+
+@pytest.mark.parametrize(
+    "request_fields, code, field",
+    [
+        ({"request_id": "bad id!"}, "INVALID_ARGUMENT", "request_id"),
+        ({"tokens": pb.TokenIds(ids=[])}, "INVALID_ARGUMENT", "tokens.ids"),
+        ({"tokens": pb.TokenIds(ids=[1, 100])}, "INVALID_ARGUMENT", "tokens.ids[1]"),
+        ({"tokens": pb.TokenIds(ids=[-1])}, "INVALID_ARGUMENT", "tokens.ids[0]"),
+        ({"tokens": pb.TokenIds(ids=[1] * 1001)}, "OUT_OF_RANGE", "tokens.ids"),
+        ({"text": ""}, "INVALID_ARGUMENT", "input"),
+        ({"chunk_size": 100}, "INVALID_ARGUMENT", "chunk_size"),
+        ({"chunk_size": 200}, "INVALID_ARGUMENT", "chunk_size"),
+        ({"returns": pb.ReturnOptions(kv=17)}, "INVALID_ARGUMENT", "returns.kv"),
+        (
+            {"returns": pb.ReturnOptions(logits=pb.LOGITS_RETURN_POSITIONS)},
+            "INVALID_ARGUMENT",
+            "returns.logit",
+        ),
+        (
+            {"returns": pb.ReturnOptions(logits=pb.LOGITS_RETURN_POSITIONS, logit_positions=[5])},
+            "INVALID_ARGUMENT",
+            "returns.logit_positions[0]",
+        ),
+        ({"returns": pb.ReturnOptions(logit_positions=[1])}, "INVALID_ARGUMENT", "returns.logit_positions"),
+        ({"returns": pb.ReturnOptions(lease_seconds=10**6)}, "INVALID_ARGUMENT", "returns.lease_seconds"),
+        (
+            {"returns": pb.ReturnOptions(include_token_ids=True)},
+            "INVALID_ARGUMENT",
+            "returns.include_token_ids",
+        ),
+        ({"attention": pb.ProxyAttnSettings(mode=9)}, "INVALID_ARGUMENT", "attention.mode"),
+        ({"attention": pb.ProxyAttnSettings(gamma=0.1)}, "INVALID_ARGUMENT", "attention.gamma"),
+        ({"attention": pb.ProxyAttnSettings(gamma=float("nan"))}, "INVALID_ARGUMENT", "attention.gamma"),
+        (
+            {"attention": pb.ProxyAttnSettings(min_budget_tokens=1)},
+            "INVALID_ARGUMENT",
+            "attention.min_budget",
+        ),
+        ({"attention": pb.ProxyAttnSettings(stride=3)}, "INVALID_ARGUMENT", "attention.stride"),
+        ({"attention": pb.ProxyAttnSettings(budget="lots")}, "INVALID_ARGUMENT", "attention.budget"),
+        ({"attention": pb.ProxyAttnSettings(alpha=1e9)}, "INVALID_ARGUMENT", "attention.alpha"),
+        ({"attention": pb.ProxyAttnSettings(exponent=2.0)}, "INVALID_ARGUMENT", "attention.exponent"),
+    ],
+)
+def test_validation_errors_name_the_field(request_fields, code, field):
+    request = pb.PrefillRequest(**request_fields)
+    if "tokens" not in request_fields and "text" not in request_fields:
+        request.tokens.ids.extend([1, 2, 3])
+    if request_fields == {"text": ""}:
+        request = pb.PrefillRequest()
+    error = _error(request, tokenize=lambda text, special: [1])
+    assert error.code.name == code
+    assert error.message.startswith(field), error.message
+
+
+def test_validation_logits_limits():
+    all_logits = pb.ReturnOptions(logits=pb.LOGITS_RETURN_ALL)
+    assert validate_prefill(_request(returns=all_logits), LIMITS, None).logits == "all"
+    long = pb.PrefillRequest(tokens=pb.TokenIds(ids=[1] * 9), returns=all_logits)
+    assert _error(long).code == grpc.StatusCode.OUT_OF_RANGE
+    empty_text = pb.PrefillRequest(text="x")
+    assert _error(empty_text, tokenize=lambda text, special: []).message.startswith("text")
+    too_long_text = pb.PrefillRequest(text="x")
+    assert (
+        _error(too_long_text, tokenize=lambda text, special: [1] * 1001).code == grpc.StatusCode.OUT_OF_RANGE
+    )

@@ -1,0 +1,347 @@
+"""Ray worker pool: one actor per GPU (or one CPU worker), each holding a PrefillEngine and the KV
+it produced.
+
+The actor is *threaded* (`max_concurrency`): a prefill runs in one thread while others answer
+`cancel`, `fetch` and `release`. Two methods are Ray streaming generators
+(`num_returns="streaming"`):
+
+- `prefill(key, token_ids, options)` yields `{"kind": "progress", ...}` after every chunk, then
+  one final item, `{"kind": "result" | "cancelled" | "error", ...}`. The engine runs in a helper
+  thread and reports progress through a queue, because its progress callback cannot yield.
+  `cancel(key)` sets the request's stop flag, which the engine checks between chunks; the
+  partial KV is dropped with the engine's locals, so memory is freed when the prefill stops.
+- `fetch(handle, ...)` yields the KV of a handle as raw little-endian bytes in pieces of at
+  most `max_chunk_bytes` (keys + values of one layer and one token range), never pickled tensors.
+
+KV kept for a handle stays in the actor until `release(handle)`. Leases (who may use a handle,
+until when, the memory cap) are the server's business (service/leases.py): the actor only
+stores and serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+log = logging.getLogger("proxyprefill.workers")
+
+_STALE_CANCEL_SECONDS = 600.0
+
+
+@dataclass
+class StoredKV:
+    keys: list  # per layer [Hkv, N, d] torch tensors
+    values: list
+    token_ids: np.ndarray  # int64 [N]
+    header: dict
+    nbytes: int
+
+
+def tensor_bytes(tensor) -> tuple[str, bytes]:
+    """(dtype name, raw little-endian bytes) of a CPU-or-GPU tensor; bfloat16 goes through int16,
+    which numpy can hold, with the same bits."""
+    import torch
+
+    tensor = tensor.detach().to("cpu").contiguous()
+    name = str(tensor.dtype).removeprefix("torch.")
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.view(torch.int16)
+    array = tensor.numpy()
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return name, array.tobytes()
+
+
+class PrefillWorker:
+    """The actor's body (wrapped with ray.remote by WorkerPool; usable directly in-process)."""
+
+    def __init__(self, name: str, engine_kwargs: dict, torch_threads: int | None = None):
+        import torch
+
+        from proxyprefill.workers.engine import PrefillEngine
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        kwargs = dict(engine_kwargs)
+        if isinstance(kwargs.get("dtype"), str):
+            kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+        self.name = name
+        self.engine = PrefillEngine.from_pretrained(**kwargs)
+        self._lock = threading.Lock()
+        self._stops: dict[str, tuple[threading.Event, float]] = {}
+        self._kv: dict[str, StoredKV] = {}
+
+    # description -----------------------------------------------------------------------------
+    def describe(self) -> dict:
+        info = self.engine.model_info.to_dict()
+        info.update(
+            worker=self.name, device=str(self.engine.device), has_tokenizer=self.engine.tokenizer is not None
+        )
+        return info
+
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def stats(self) -> dict:
+        with self._lock:
+            running = sum(1 for event, _ in self._stops.values() if not event.is_set())
+            return {
+                "worker": self.name,
+                "running": running,
+                "handles": len(self._kv),
+                "kv_bytes": sum(s.nbytes for s in self._kv.values()),
+            }
+
+    # prefill ---------------------------------------------------------------------------------
+    def _stop_flag(self, key: str) -> threading.Event:
+        with self._lock:
+            now = time.monotonic()
+            for stale in [k for k, (_, t) in self._stops.items() if now - t > _STALE_CANCEL_SECONDS]:
+                self._stops.pop(stale)
+            if key not in self._stops:
+                self._stops[key] = (threading.Event(), now)
+            return self._stops[key][0]
+
+    def cancel(self, key: str) -> None:
+        """Stops the prefill `key` at its next chunk (or before it starts, if it has not yet)."""
+        self._stop_flag(key).set()
+
+    def prefill(self, key: str, token_ids: np.ndarray, options: dict):
+        """Streaming generator; see the module docstring. options: chunk_size, logits, attention,
+        config (ProxyAttnConfig dict), keep_handle (str or None: where to keep the KV)."""
+        import torch
+
+        from proxyprefill.kernels.config import ProxyAttnConfig
+        from proxyprefill.workers.engine import PrefillCancelled, PrefillError
+
+        stop = self._stop_flag(key)
+        events: queue.Queue = queue.Queue()
+        outcome: dict = {}
+
+        def run() -> None:
+            try:
+                outcome["result"] = self.engine.prefill(
+                    torch.from_numpy(np.array(token_ids, dtype=np.int64)),  # a writable copy
+                    chunk_size=options["chunk_size"],
+                    logits=options["logits"],
+                    config=ProxyAttnConfig.from_dict(options["config"]),
+                    attention=options["attention"],
+                    progress=lambda done, total: events.put((done, total)),
+                    should_stop=stop.is_set,
+                )
+            except PrefillCancelled:
+                outcome["cancelled"] = True
+            except PrefillError as error:
+                outcome["error"] = ("invalid", str(error))
+            except Exception as error:  # reported to the server, which answers INTERNAL
+                log.exception("prefill %s failed", key)
+                outcome["error"] = ("internal", f"{type(error).__name__}: {error}")
+            finally:
+                events.put(None)
+
+        thread = threading.Thread(target=run, name=f"prefill-{key}", daemon=True)
+        thread.start()
+        try:
+            while (item := events.get()) is not None:
+                yield {"kind": "progress", "done": item[0], "total": item[1]}
+            thread.join()
+            if "cancelled" in outcome or (stop.is_set() and "result" in outcome):
+                yield {"kind": "cancelled"}
+            elif "error" in outcome:
+                kind, message = outcome["error"]
+                yield {"kind": "error", "error": kind, "message": message}
+            else:
+                yield self._finish(outcome.pop("result"), token_ids, options.get("keep_handle"))
+        finally:
+            stop.set()  # a consumer that went away also stops the work
+            with self._lock:
+                self._stops.pop(key, None)
+
+    def _finish(self, result, token_ids: np.ndarray, keep_handle: str | None) -> dict:
+        header = asdict(result.header)
+        if keep_handle:
+            with self._lock:
+                self._kv[keep_handle] = StoredKV(
+                    keys=result.keys,
+                    values=result.values,
+                    token_ids=np.asarray(token_ids, dtype=np.int64),
+                    header=header,
+                    nbytes=result.kv_bytes,
+                )
+        logits = None if result.logits is None else result.logits.detach().to("cpu").numpy()
+        return {
+            "kind": "result",
+            "num_tokens": result.num_tokens,
+            "logits": logits,
+            "logit_positions": list(result.logit_positions),
+            "sparsity": result.sparsity.detach().to("cpu").float().numpy(),
+            "estimate_seconds": float(result.estimate_seconds),
+            "attention_seconds": float(result.attention_seconds),
+            "total_seconds": float(result.total_seconds),
+            "peak_memory_bytes": int(result.peak_memory_bytes or 0),
+            "kv_bytes": int(result.kv_bytes),
+            "header": header,
+            "attention": result.attention,
+        }
+
+    # KV --------------------------------------------------------------------------------------
+    def fetch(
+        self,
+        handle: str,
+        max_chunk_bytes: int,
+        layer_start: int = 0,
+        layer_end: int | None = None,
+        include_token_ids: bool = False,
+    ):
+        """Streaming generator of KV pieces; the first item is {"kind": "missing"} when the
+        handle is not here (released, or the worker restarted)."""
+        with self._lock:
+            stored = self._kv.get(handle)
+        if stored is None:
+            yield {"kind": "missing"}
+            return
+        if include_token_ids:
+            per_piece = max(1, max_chunk_bytes // 8)
+            ids = stored.token_ids.astype("<i8", copy=False)
+            for start in range(0, ids.shape[0], per_piece):
+                end = min(ids.shape[0], start + per_piece)
+                yield {"kind": "tokens", "start": start, "end": end, "data": ids[start:end].tobytes()}
+        layer_end = len(stored.keys) if layer_end is None else layer_end
+        for layer in range(layer_start, layer_end):
+            keys, values = stored.keys[layer], stored.values[layer]
+            heads, num_tokens, head_dim = keys.shape
+            per_token = 2 * heads * head_dim * keys.element_size()
+            step = max(1, max_chunk_bytes // per_token)
+            for start in range(0, num_tokens, step):
+                end = min(num_tokens, start + step)
+                dtype, key_bytes = tensor_bytes(keys[:, start:end])
+                _, value_bytes = tensor_bytes(values[:, start:end])
+                yield {
+                    "kind": "kv",
+                    "layer": layer,
+                    "start": start,
+                    "end": end,
+                    "dtype": dtype,
+                    "shape": [heads, end - start, head_dim],
+                    "keys": key_bytes,
+                    "values": value_bytes,
+                }
+
+    def release(self, handle: str) -> int:
+        """Frees the KV of `handle`; returns its bytes (0 when it was not here)."""
+        with self._lock:
+            stored = self._kv.pop(handle, None)
+        if stored is None:
+            return 0
+        del stored.keys, stored.values
+        self._empty_device_cache()
+        return stored.nbytes
+
+    def kv_tensors(self, handle: str) -> dict | None:
+        """The stored KV as CPU tensors (tests compare transfers against it bit for bit)."""
+        with self._lock:
+            stored = self._kv.get(handle)
+        if stored is None:
+            return None
+        return {
+            "keys": [k.detach().to("cpu") for k in stored.keys],
+            "values": [v.detach().to("cpu") for v in stored.values],
+            "token_ids": stored.token_ids,
+            "header": stored.header,
+        }
+
+    def _empty_device_cache(self) -> None:
+        import torch
+
+        if self.engine.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class WorkerPool:
+    """The actors plus what the server needs to route to them. Methods return Ray refs or
+    ObjectRefGenerators, which the server awaits / iterates asynchronously."""
+
+    def __init__(self, actors: list, descriptions: list[dict], owns_ray: bool):
+        self.actors = actors
+        self.descriptions = descriptions
+        self.names = [d["worker"] for d in descriptions]
+        self._owns_ray = owns_ray
+
+    @classmethod
+    def start(
+        cls,
+        engine_kwargs: dict,
+        num_workers: int = 0,
+        ray_address: str | None = None,
+        ray_num_cpus: int | None = None,
+        max_concurrency: int = 64,
+    ) -> WorkerPool:
+        """Starts Ray in-process (or joins `ray_address`) unless it is already initialised, then
+        one actor per GPU, or `num_workers` (default 1) CPU actors when the cluster has no GPU."""
+        import ray
+
+        owns_ray = False
+        if not ray.is_initialized():
+            ray.init(
+                address=ray_address,
+                num_cpus=None if ray_address else ray_num_cpus,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+            )
+            owns_ray = True
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        count = num_workers or max(1, gpus)
+        per_actor = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
+        actor_class = ray.remote(PrefillWorker).options(
+            max_concurrency=max_concurrency, max_restarts=3, max_task_retries=0, **per_actor
+        )
+        actors = [actor_class.remote(f"worker-{i}", engine_kwargs) for i in range(count)]
+        descriptions = ray.get([actor.describe.remote() for actor in actors])
+        return cls(actors, descriptions, owns_ray)
+
+    @property
+    def model_info(self) -> dict:
+        return self.descriptions[0]
+
+    def tokenizer(self):
+        import ray
+
+        return ray.get(self.actors[0].tokenizer.remote())
+
+    def prefill(self, worker: int, key: str, token_ids: np.ndarray, options: dict):
+        return self.actors[worker].prefill.options(num_returns="streaming").remote(key, token_ids, options)
+
+    def cancel(self, worker: int, key: str):
+        return self.actors[worker].cancel.remote(key)
+
+    def fetch(
+        self, worker: int, handle: str, max_chunk_bytes: int, layer_start, layer_end, include_token_ids
+    ):
+        return (
+            self.actors[worker]
+            .fetch.options(num_returns="streaming", _generator_backpressure_num_objects=8)
+            .remote(handle, max_chunk_bytes, layer_start, layer_end, include_token_ids)
+        )
+
+    def release(self, worker: int, handle: str):
+        return self.actors[worker].release.remote(handle)
+
+    def stats(self, worker: int):
+        return self.actors[worker].stats.remote()
+
+    def kv_tensors(self, worker: int, handle: str):
+        return self.actors[worker].kv_tensors.remote(handle)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        if self._owns_ray:
+            ray.shutdown()
