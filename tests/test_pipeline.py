@@ -9,12 +9,11 @@ ray = pytest.importorskip("ray")
 transformers = pytest.importorskip("transformers")
 
 from proxyprefill.kernels.config import ProxyAttnConfig  # noqa: E402
+from proxyprefill.workers.engine import PrefillEngine, PrefillError  # noqa: E402
 from proxyprefill.workers.pipeline import (  # noqa: E402
     ChunkRecord,
-    PipelineStage,
     PipelineTimeline,
     ShardedPrefill,
-    StageSpec,
     balanced_layer_ranges,
 )
 
@@ -46,6 +45,19 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
 
 
+def assert_same_prefill(result, expected, tolerance=1e-5):
+    """Logits and every layer's K and V agree to `tolerance` (max abs error / max abs value)."""
+    assert result.logit_positions == expected.logit_positions
+    assert relative_error(result.logits, expected.logits) <= tolerance
+    assert len(result.keys) == len(result.values) == len(expected.keys) == NUM_LAYERS
+    for layer in range(NUM_LAYERS):
+        assert result.keys[layer].shape == expected.keys[layer].shape
+        assert relative_error(result.keys[layer], expected.keys[layer]) <= tolerance, f"keys of layer {layer}"
+        assert relative_error(result.values[layer], expected.values[layer]) <= tolerance, (
+            f"values of layer {layer}"
+        )
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
@@ -66,33 +78,14 @@ def tokens():
 
 
 @pytest.fixture(scope="module")
-def hf_reference(model_dir, tokens):
-    """The stock model on the whole prompt at once (dense attention): logits and every layer's KV."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        out = model(tokens[None], use_cache=True)
-    cache = out.past_key_values
-    keys = [cache.layers[i].keys[0] for i in range(NUM_LAYERS)]
-    values = [cache.layers[i].values[0] for i in range(NUM_LAYERS)]
-    return out.logits[0], keys, values
-
-
-def single_worker(model_dir, tokens, config):
-    """All layers in one in-process stage: the unsharded chunked prefill."""
-    stage = PipelineStage(StageSpec(model_dir, 0, NUM_LAYERS, config.to_dict() if config else None), 0, 1, 4)
-    stage.begin("r", PROMPT, 32)
-    logits = [
-        stage.forward("r", c, q0, tokens[q0 : q0 + CHUNK], list(range(min(CHUNK, PROMPT - q0))))
-        for c, q0 in enumerate(range(0, PROMPT, CHUNK))
-    ]
-    kv = [stage.kv("r", layer) for layer in range(NUM_LAYERS)]
-    return torch.cat(logits), [k for k, _ in kv], [v for _, v in kv]
+def engine(model_dir):
+    """The single-worker chunked prefill the sharded one must reproduce."""
+    return PrefillEngine.from_pretrained(model_dir, attention="proxy", config=SPARSE, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def dense_pipeline(ray_cluster, model_dir):
-    pipe = ShardedPrefill(model_dir, num_stages=2, actor_options={"num_cpus": 0.5})
-    pipe.block_size = 32
+    pipe = ShardedPrefill(model_dir, num_stages=2, attention="dense", actor_options={"num_cpus": 0.5})
     pipe.wait_ready()
     yield pipe
     pipe.shutdown()
@@ -101,7 +94,7 @@ def dense_pipeline(ray_cluster, model_dir):
 @pytest.fixture(scope="module")
 def sparse_pipeline(ray_cluster, model_dir):
     pipe = ShardedPrefill(
-        model_dir, layer_ranges=[(0, 1), (1, 3), (3, 4)], proxy_config=SPARSE, actor_options={"num_cpus": 0.5}
+        model_dir, layer_ranges=[(0, 1), (1, 3), (3, 4)], config=SPARSE, actor_options={"num_cpus": 0.5}
     )
     pipe.wait_ready()
     yield pipe
@@ -115,54 +108,69 @@ def test_balanced_layer_ranges():
         balanced_layer_ranges(3, 4)
 
 
-def test_dense_two_stages_match_the_stock_model(dense_pipeline, tokens, hf_reference):
-    logits, keys, values = hf_reference
+def test_dense_two_stages_match_the_engine_and_the_stock_model(dense_pipeline, engine, model_dir, tokens):
     result = dense_pipeline.prefill(tokens, CHUNK, logits="all")
-    assert result.logit_positions == list(range(PROMPT))
-    assert relative_error(result.logits, logits) <= 1e-5
-    assert len(result.keys) == len(result.values) == NUM_LAYERS
-    for layer in range(NUM_LAYERS):
-        assert result.keys[layer].shape == (2, PROMPT, 16)
-        assert relative_error(result.keys[layer], keys[layer]) <= 1e-5, (layer, result.timeline.records)
-        assert relative_error(result.values[layer], values[layer]) <= 1e-5, layer
+    assert_same_prefill(result, engine.prefill(tokens, CHUNK, logits="all", attention="dense"))
+    assert result.header.num_layers == NUM_LAYERS and result.header.num_tokens == PROMPT
     assert dense_pipeline.held_bytes() == [0, 0]  # gathered, then released
-
-
-def test_proxyattn_three_stages_match_single_worker(sparse_pipeline, model_dir, tokens, hf_reference):
-    ref_logits, ref_keys, ref_values = single_worker(model_dir, tokens, SPARSE)
-    result = sparse_pipeline.prefill(tokens, CHUNK, logits="all")
-    assert relative_error(result.logits, ref_logits) <= 1e-5
+    # and the stock model run on the whole prompt at once agrees too
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        stock = model(tokens[None], use_cache=True)
+    assert relative_error(result.logits, stock.logits[0]) <= 1e-5
     for layer in range(NUM_LAYERS):
-        assert relative_error(result.keys[layer], ref_keys[layer]) <= 1e-5
-        assert relative_error(result.values[layer], ref_values[layer]) <= 1e-5
-    # the sparse path really skipped blocks: its logits are not the dense model's
-    assert relative_error(result.logits, hf_reference[0]) > 1e-3
+        assert relative_error(result.keys[layer], stock.past_key_values.layers[layer].keys[0]) <= 1e-5
+        assert relative_error(result.values[layer], stock.past_key_values.layers[layer].values[0]) <= 1e-5
 
 
-def test_kv_left_on_stages_is_gathered_in_layer_order_then_released(sparse_pipeline, tokens):
+def test_proxyattn_three_stages_match_the_engine(sparse_pipeline, engine, tokens):
+    result = sparse_pipeline.prefill(tokens, CHUNK, logits="all")
+    expected = engine.prefill(tokens, CHUNK, logits="all")
+    assert_same_prefill(result, expected)
+    assert result.sparsity.shape == expected.sparsity.shape == (NUM_LAYERS, 4)
+    assert torch.allclose(result.sparsity, expected.sparsity, atol=1e-6)
+    assert result.sparsity.mean() > 0.1  # the sparse path really skipped blocks
+    dense = engine.prefill(tokens, CHUNK, logits="all", attention="dense")
+    assert relative_error(result.logits, dense.logits) > 1e-3
+
+
+def test_fixed_density_matches_the_engine(sparse_pipeline, engine, tokens):
+    result = sparse_pipeline.prefill(tokens, CHUNK, logits=[PROMPT - 1, 3], fixed_density=0.25)
+    expected = engine.prefill(tokens, CHUNK, logits=[PROMPT - 1, 3], fixed_density=0.25)
+    assert_same_prefill(result, expected)
+
+
+def test_kv_left_on_stages_is_gathered_in_layer_order_then_released(sparse_pipeline, engine, tokens):
     result = sparse_pipeline.prefill(tokens, CHUNK, logits=[5, PROMPT - 1], gather=False)
     assert result.keys == [] and result.logits.shape == (2, 256)
     held = sparse_pipeline.held_bytes()
     per_layer = 2 * 2 * PROMPT * 16 * 4  # keys + values, Hkv=2, d=16, fp32
     assert held == [per_layer * 1, per_layer * 2, per_layer * 1]
-    assert result.kv_bytes == sum(held)
-    layers = [layer for layer, _, _ in sparse_pipeline.gather_kv(result.request_id)]
-    assert layers == list(range(NUM_LAYERS))
-    assert sparse_pipeline.release(result.request_id) == sum(held)
+    assert result.extra["kv_bytes"] == sum(held)
+    rid = result.extra["request_id"]
+    gathered = list(sparse_pipeline.gather_kv(rid))
+    assert [layer for layer, _, _ in gathered] == list(range(NUM_LAYERS))
+    expected = engine.prefill(tokens, CHUNK, logits="none")
+    for layer, k, v in gathered:
+        assert (
+            relative_error(k, expected.keys[layer]) <= 1e-5
+            and relative_error(v, expected.values[layer]) <= 1e-5
+        )
+    assert sparse_pipeline.release(rid) == sum(held)
     assert sparse_pipeline.held_bytes() == [0, 0, 0]
 
 
-def test_logit_positions_select_rows(dense_pipeline, tokens, hf_reference):
-    result = dense_pipeline.prefill(tokens, CHUNK, logits=[0, 63, 64, PROMPT - 1])
-    assert relative_error(result.logits, hf_reference[0][[0, 63, 64, PROMPT - 1]]) <= 1e-5
-    last = dense_pipeline.prefill(tokens, CHUNK, logits="last", gather=False)
-    dense_pipeline.release(last.request_id)
-    assert relative_error(last.logits, hf_reference[0][-1:]) <= 1e-5
+def test_logit_positions_keep_the_callers_order(dense_pipeline, engine, tokens):
+    positions = [PROMPT - 1, 64, 0, 63, 70]
+    result = dense_pipeline.prefill(tokens, CHUNK, logits=positions)
+    expected = engine.prefill(tokens, CHUNK, logits=positions, attention="dense")
+    assert result.logit_positions == positions
+    assert relative_error(result.logits, expected.logits) <= 1e-5
 
 
 def test_timeline_covers_every_stage_and_chunk(dense_pipeline, tokens):
     result = dense_pipeline.prefill(tokens, CHUNK, logits="last")
-    timeline = result.timeline
+    timeline = result.extra["timeline"]
     chunks = PROMPT // CHUNK
     assert sorted((r.stage, r.chunk) for r in timeline.records) == [
         (s, c) for s in range(2) for c in range(chunks)
@@ -193,11 +201,13 @@ def test_timeline_arithmetic():
     assert timeline.bytes_moved() == 20 + 4
 
 
-def test_bad_requests_are_refused_before_any_work(dense_pipeline, tokens):
-    with pytest.raises(ValueError, match="multiple of block_size"):
-        dense_pipeline.prefill(tokens, 48)
-    with pytest.raises(ValueError, match="empty"):
-        dense_pipeline.prefill([], CHUNK)
-    with pytest.raises(ValueError, match="logit positions"):
-        dense_pipeline.prefill(tokens, CHUNK, logits=[PROMPT])
-    assert dense_pipeline.held_bytes() == [0, 0]
+def test_bad_requests_are_refused_before_any_work(sparse_pipeline, tokens):
+    with pytest.raises(PrefillError, match="multiple of block_size"):
+        sparse_pipeline.prefill(tokens, 48)
+    with pytest.raises(PrefillError, match="non-empty"):
+        sparse_pipeline.prefill([], CHUNK)
+    with pytest.raises(PrefillError, match="outside the prompt"):
+        sparse_pipeline.prefill(tokens, CHUNK, logits=[PROMPT])
+    with pytest.raises(PrefillError, match="outside the vocabulary"):
+        sparse_pipeline.prefill([1, 2, 256], CHUNK)
+    assert sparse_pipeline.held_bytes() == [0, 0, 0]

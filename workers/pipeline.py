@@ -30,16 +30,19 @@ import resource
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import ray
 import torch
 
-from ..kernels.api import proxy_attention
 from ..kernels.config import ProxyAttnConfig
+from . import attention as attention_mod
+from .engine import PrefillError, PrefillResult, token_ids_sha256
+from .kv_cache import PreallocatedKVCache
+from .kv_files import KVHeader
+from .model import ModelInfo, check_supported, load_model, model_info_from_config
 
-ATTENTION_NAME = "proxyprefill_pipeline"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -56,89 +59,31 @@ class StageUnavailableError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------
-# Stage-local pieces: attention function and KV cache
-# --------------------------------------------------------------------------------------------
-def _pipeline_attention(
-    module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
-) -> tuple[torch.Tensor, None]:
-    """Attention for one chunk as Hugging Face calls it: query [B, Hq, Nq, d] of the chunk, key and
-    value [B, Hkv, Nk, d] of the whole prefix (the cache has been updated), causal with the queries
-    at the end: q_offset = Nk - Nq. ProxyAttn when `proxy_config` is given, otherwise every causal
-    block (exact dense attention through the same kernels). Returns ([B, Nq, Hq, d], None)."""
-    config: ProxyAttnConfig | None = kwargs.get("proxy_config")
-    backend: str = kwargs.get("proxy_backend", "auto")
-    q_offset = key.shape[2] - query.shape[2]
-    if config is None:
-        config = ProxyAttnConfig(block_size=kwargs.get("dense_block_size", 128), dense_below_tokens=1 << 62)
-    out = proxy_attention(query, key, value, config, q_offset=q_offset, backend=backend, scale=scaling)
-    return out.transpose(1, 2), None
-
-
-def register_attention() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTENTION_NAME, _pipeline_attention)
-
-
-class StageKVCache:
-    """Preallocated KV of one request for the layers a stage owns.
-
-    keys[i], values[i]: [Hkv, N, d] for the stage's i-th layer (global index `layer_ids[i]`).
-    `update` is what Hugging Face attention calls after projecting a chunk: it writes the chunk at
-    [offset, offset + n) and returns views of the whole prefix [1, Hkv, offset + n, d], so no
-    per-chunk concatenation ever happens.
-    """
-
-    def __init__(
-        self, layer_ids: Sequence[int], num_tokens: int, kv_heads: int, head_dim: int, dtype, device
-    ):
-        self.slot = {layer: i for i, layer in enumerate(layer_ids)}
-        shape = (kv_heads, num_tokens, head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in layer_ids]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in layer_ids]
-        self.num_tokens = num_tokens
-        self.offset = 0  # first position of the chunk being run; set by the stage per chunk
-        self.filled = 0  # tokens written so far in every layer
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        i = self.slot[layer_idx]
-        n = key_states.shape[2]
-        end = self.offset + n
-        if end > self.num_tokens:
-            raise ValueError(f"chunk ends at {end}, past the {self.num_tokens} preallocated positions")
-        self.keys[i][:, self.offset : end] = key_states[0]
-        self.values[i][:, self.offset : end] = value_states[0]
-        return self.keys[i][None, :, :end], self.values[i][None, :, :end]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.filled
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
-
-# --------------------------------------------------------------------------------------------
 # A stage
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StageSpec:
-    """What one stage loads.
+    """What one stage loads and how it attends.
 
-    source: a Hugging Face model directory, or a dict of config fields (with "model_type") for a
-        randomly initialised model (timing runs; stages then hold different random weights).
+    source: a Hugging Face model directory or .gguf file (every stage loads the same weights and
+        keeps its share), None for the embedded default model, or a dict of config fields (with
+        "model_type") for random weights (timing runs: only the stage's own layers are built, so
+        stages hold different random weights).
     layer_start, layer_stop: the stage's decoder layers [start, stop) of the whole model.
-    proxy_config: ProxyAttnConfig fields, or None for dense attention.
+    attention: "proxy" or "dense"; config: ProxyAttnConfig fields (None: the defaults).
     """
 
-    source: str | dict
+    source: str | dict | None
     layer_start: int
     layer_stop: int
-    proxy_config: dict | None = None
+    attention: str = "proxy"
+    config: dict | None = None
     backend: str = "auto"
     device: str = "cpu"
     dtype: str = "float32"
-    threads: int = 1
+    threads: int | None = 1
     seed: int = 0
+    model_id: str | None = None
 
 
 @dataclass
@@ -153,103 +98,114 @@ class ChunkRecord:
     bytes_out: int
 
 
-def _load_stage_model(spec: StageSpec):
+def _random_stage_model(spec: StageSpec, attn_name: str, dtype: torch.dtype):
+    """A randomly initialised model holding only layers [layer_start, layer_stop), built on the
+    stage's device (a random 8B-shaped model is too big to build whole and then cut)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = _DTYPES[spec.dtype]
-    if isinstance(spec.source, dict):
-        fields = dict(spec.source)
-        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-        config._attn_implementation = ATTENTION_NAME
-        # Build only the layers this stage owns (a random 8B-shaped model would not fit twice),
-        # then give them their global indices: the index is what the KV cache is keyed by.
-        total_layers = config.num_hidden_layers
-        config.num_hidden_layers = spec.layer_stop - spec.layer_start
-        torch.manual_seed(spec.seed + spec.layer_start)
-        with torch.device(spec.device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=ATTENTION_NAME)
-        for i, layer in enumerate(model.model.layers):
-            layer.self_attn.layer_idx = spec.layer_start + i
-        model.config.num_hidden_layers = total_layers
-        first_local_layer = spec.layer_start
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            spec.source, dtype=dtype, attn_implementation=ATTENTION_NAME
-        )
-        first_local_layer = 0
-    model.eval()
-    return model, first_local_layer
+    fields = dict(spec.source)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    check_supported(config)
+    total_layers = config.num_hidden_layers
+    config.num_hidden_layers = spec.layer_stop - spec.layer_start
+    torch.manual_seed(spec.seed + spec.layer_start)
+    with torch.device(spec.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_name)
+    model.config.num_hidden_layers = total_layers
+    info = model_info_from_config(model.config, spec.model_id or "random", dtype)
+    return model.eval(), info, spec.layer_start
 
 
 class PipelineStage:
-    """One worker of a sharded prefill (run as a Ray actor; usable in-process for tests).
+    """One worker of a sharded prefill (run as a Ray actor; usable in-process too).
 
     Holds decoder layers [layer_start, layer_stop) of the model, plus the embedding on the first
-    stage and the final norm + LM head on the last, and one `StageKVCache` per active request.
+    stage and the final norm + LM head on the last. Per request: one PreallocatedKVCache for its
+    layers and one attention PrefillContext (mode, config, sparsity and timing sums) - the
+    engine's own pieces, so a stage computes exactly what the engine computes for those layers.
+    Inside the stage the layers are renumbered 0..n-1 (cache slots, sparsity rows).
     """
 
-    def __init__(self, spec: StageSpec, stage_index: int, num_stages: int, total_layers: int):
-        torch.set_num_threads(spec.threads)
-        register_attention()
+    def __init__(self, spec: StageSpec, stage_index: int, num_stages: int):
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        if spec.attention not in attention_mod.MODES:
+            raise ValueError(f"attention must be one of {attention_mod.MODES}, got {spec.attention!r}")
+        attn_name = attention_mod.register()
         self.spec = spec
         self.index = stage_index
         self.is_first = stage_index == 0
         self.is_last = stage_index == num_stages - 1
         self.device = torch.device(spec.device)
         self.dtype = _DTYPES[spec.dtype]
-        model, first_local_layer = _load_stage_model(spec)
-        config = model.config
-        if not 0 <= spec.layer_start < spec.layer_stop <= config.num_hidden_layers:
-            raise ValueError(
-                f"layer range [{spec.layer_start}, {spec.layer_stop}) outside the model's "
-                f"{config.num_hidden_layers} layers"
+        if isinstance(spec.source, dict):
+            model, info, first_built_layer = _random_stage_model(spec, attn_name, self.dtype)
+        else:
+            # load on the host, then move only this stage's share to its device
+            model, _, info = load_model(
+                spec.source, attn_name, torch.device("cpu"), self.dtype, spec.model_id
             )
-        self.config = config
-        self.layers = torch.nn.ModuleList(
-            list(model.model.layers)[
-                spec.layer_start - first_local_layer : spec.layer_stop - first_local_layer
-            ]
-        )
-        self.layer_ids = [layer.self_attn.layer_idx for layer in self.layers]
-        self.rotary = model.model.rotary_emb
-        self.embed = model.model.embed_tokens if self.is_first else None
-        self.norm = model.model.norm if self.is_last else None
-        self.lm_head = model.lm_head if self.is_last else None
-        del model  # layers of other stages go with it
+            first_built_layer = 0
+        if not 0 <= spec.layer_start < spec.layer_stop <= info.num_layers:
+            raise ValueError(
+                f"layer range [{spec.layer_start}, {spec.layer_stop}) is outside the model's "
+                f"{info.num_layers} layers"
+            )
+        self.info = info
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        owned = list(base.layers)[spec.layer_start - first_built_layer : spec.layer_stop - first_built_layer]
+        self.layers = torch.nn.ModuleList(owned)
+        for local, layer in enumerate(self.layers):
+            layer.self_attn.layer_idx = local
+        self.rotary = base.rotary_emb
+        self.embed = base.embed_tokens if self.is_first else None
+        self.norm = base.norm if self.is_last else None
+        self.lm_head = model.get_output_embeddings() if self.is_last else None
+        del model, base  # the other stages' layers go with them
         for module in (self.layers, self.rotary, self.embed, self.norm, self.lm_head):
             if module is not None:
                 module.to(self.device)
-        self.kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.attention_kwargs = {"proxy_backend": spec.backend}
-        if spec.proxy_config is not None:
-            self.attention_kwargs["proxy_config"] = ProxyAttnConfig.from_dict(spec.proxy_config)
-        self.caches: dict[str, StageKVCache] = {}
+        self.config = ProxyAttnConfig.from_dict(spec.config) if spec.config else ProxyAttnConfig()
+        self.caches: dict[str, PreallocatedKVCache] = {}
+        self.contexts: dict[str, attention_mod.PrefillContext] = {}
         self.records: dict[str, list[ChunkRecord]] = {}
         self.lock = threading.Lock()
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def ping(self) -> int:
-        """The worker's process id (changes when Ray restarts the actor)."""
+        """The worker's process id (a new one after Ray restarts the actor)."""
         return os.getpid()
 
-    def begin(self, request_id: str, num_tokens: int, block_size: int | None = None) -> int:
+    def model_info(self) -> ModelInfo:
+        return self.info
+
+    def begin(self, request_id: str, num_tokens: int, fixed_density: float | None = None) -> int:
         """Preallocate the request's KV for this stage's layers; returns the bytes reserved."""
-        if block_size is not None:
-            self.attention_kwargs["dense_block_size"] = block_size
-        cache = StageKVCache(
-            self.layer_ids, num_tokens, self.kv_heads, self.head_dim, self.dtype, self.device
+        info = self.info
+        cache = PreallocatedKVCache(
+            len(self.layers), info.num_kv_heads, num_tokens, info.head_dim, self.dtype, self.device
+        )
+        context = attention_mod.PrefillContext(
+            mode=self.spec.attention,
+            config=self.config,
+            num_layers=len(self.layers),
+            num_heads=info.num_heads,
+            device=self.device,
+            backend=self.spec.backend,
+            fixed_density=fixed_density,
         )
         with self.lock:
             self.caches[request_id] = cache
+            self.contexts[request_id] = context
             self.records[request_id] = []
-        return cache.nbytes()
+        return _cache_bytes(cache)
 
     def release(self, request_id: str) -> int:
         """Drop the request's KV (idempotent); returns the bytes freed."""
         with self.lock:
             cache = self.caches.pop(request_id, None)
-        freed = cache.nbytes() if cache is not None else 0
+            self.contexts.pop(request_id, None)
+        freed = _cache_bytes(cache) if cache is not None else 0
         del cache
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -258,19 +214,35 @@ class PipelineStage:
     def held_bytes(self) -> int:
         """KV bytes held for all requests on this stage."""
         with self.lock:
-            return sum(cache.nbytes() for cache in self.caches.values())
+            return sum(_cache_bytes(cache) for cache in self.caches.values())
 
     def timeline(self, request_id: str) -> list[ChunkRecord]:
-        return list(self.records.get(request_id, []))
+        return list(self.records.pop(request_id, []))
+
+    def attention_stats(self, request_id: str) -> tuple[float, float, torch.Tensor]:
+        """(estimate seconds, attention seconds, sparsity sums [stage layers, Hq]) of the request."""
+        context = self._context(request_id)
+        estimate_s, attention_s = context.finish_timing()
+        return estimate_s, attention_s, context.sparsity_sum.float().cpu()
 
     def memory(self) -> dict:
-        """Peak memory of this worker: GPU allocator peak on CUDA, process max RSS otherwise."""
+        """Peak memory of this worker: the CUDA allocator's peak on GPU, the process max RSS."""
         stats = {"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         if self.device.type == "cuda":
             stats["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
             stats["cuda_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
             stats["device_name"] = torch.cuda.get_device_name(self.device)
         return stats
+
+    def _cache(self, request_id: str) -> PreallocatedKVCache:
+        cache = self.caches.get(request_id)
+        if cache is None:
+            raise KeyError(f"request {request_id} has no KV on stage {self.index} (released or never begun)")
+        return cache
+
+    def _context(self, request_id: str) -> attention_mod.PrefillContext:
+        self._cache(request_id)
+        return self.contexts[request_id]
 
     # ---- compute ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -281,12 +253,17 @@ class PipelineStage:
 
         payload: token ids int64 [n] on the first stage, else the previous stage's hidden states
         [1, n, hidden] (any device). Returns the hidden states on the CPU for the next stage, or, on
-        the last stage, float32 logits [len(logit_rows), vocab] for the chunk-relative rows asked for.
+        the last stage, float32 logits [len(logit_rows), vocab] for those chunk-relative rows.
+        Chunks must arrive in order: the cache appends, so a chunk at the wrong offset is refused.
         """
         start = time.time()
-        cache = self.caches.get(request_id)
-        if cache is None:
-            raise KeyError(f"request {request_id} has no KV on stage {self.index} (released or never begun)")
+        cache = self._cache(request_id)
+        context = self.contexts[request_id]
+        if cache.num_tokens != q_offset:
+            raise RuntimeError(
+                f"stage {self.index} got chunk {chunk} at offset {q_offset} "
+                f"but holds {cache.num_tokens} tokens"
+            )
         bytes_in = payload.numel() * payload.element_size()
         if self.is_first:
             hidden = self.embed(payload.to(self.device)[None])
@@ -295,24 +272,19 @@ class PipelineStage:
         n = hidden.shape[1]
         position_ids = torch.arange(q_offset, q_offset + n, device=self.device)[None]
         position_embeddings = self.rotary(hidden, position_ids=position_ids)
-        cache.offset = q_offset
-        for layer in self.layers:
-            hidden = layer(
-                hidden,
-                attention_mask=None,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-                position_embeddings=position_embeddings,
-                **self.attention_kwargs,
-            )
-        cache.filled = q_offset + n
+        with attention_mod.active_context(context):
+            for layer in self.layers:
+                hidden = layer(
+                    hidden,
+                    attention_mask=None,
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=True,
+                    position_embeddings=position_embeddings,
+                )
         if self.is_last:
             rows = torch.tensor(logit_rows or [], dtype=torch.long, device=self.device)
-            selected = self.norm(hidden[0, rows]) if len(rows) else hidden.new_zeros(0, hidden.shape[-1])
-            out = (
-                self.lm_head(selected).float().cpu() if len(rows) else torch.zeros(0, self.config.vocab_size)
-            )
+            out = self.lm_head(self.norm(hidden[0, rows])).float().cpu()
         else:
             out = hidden.cpu()
         if self.device.type == "cuda":
@@ -325,11 +297,12 @@ class PipelineStage:
 
     def kv(self, request_id: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of one global layer, [Hkv, N, d] on the CPU."""
-        cache = self.caches.get(request_id)
-        if cache is None:
-            raise KeyError(f"request {request_id} has no KV on stage {self.index}")
-        i = cache.slot[layer]
-        return cache.keys[i].cpu(), cache.values[i].cpu()
+        keys, values = self._cache(request_id).layer_kv(layer - self.spec.layer_start)
+        return keys.cpu(), values.cpu()
+
+
+def _cache_bytes(cache: PreallocatedKVCache) -> int:
+    return sum(layer.key_buffer.numel() * layer.key_buffer.element_size() * 2 for layer in cache.layers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,67 +386,55 @@ class PipelineTimeline:
         }
 
 
-@dataclass
-class ShardedPrefillResult:
-    """What a sharded prefill returns, shaped like the engine's PrefillResult.
-
-    keys, values: per layer (global order) [Hkv, N, d] on the CPU when gathered, else empty lists
-    and the KV stays on the stages under `request_id` (fetch with `ShardedPrefill.gather_kv`).
-    logits: float32 [P, vocab] at the requested positions (None when none were asked for).
-    logit_positions: the absolute positions of the logits rows.
-    """
-
-    request_id: str
-    num_tokens: int
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    logits: torch.Tensor | None
-    logit_positions: list[int]
-    timeline: PipelineTimeline
-    ttft_s: float
-    kv_bytes: int
-    attempts: int = 1
-    layer_ranges: list[tuple[int, int]] = field(default_factory=list)
-
-
 def _logit_positions(logits, num_tokens: int) -> list[int]:
-    if logits is None or logits is False:
+    """The engine's `logits` argument: "last", "all", "none"/None, or absolute positions."""
+    if isinstance(logits, str):
+        choices = {"last": [num_tokens - 1], "all": list(range(num_tokens)), "none": []}
+        if logits not in choices:
+            raise PrefillError(f"logits must be 'last', 'all', 'none', a range or positions; got {logits!r}")
+        return choices[logits]
+    if logits is None:
         return []
-    if logits == "last" or logits is True:
-        return [num_tokens - 1]
-    if logits == "all":
-        return list(range(num_tokens))
-    positions = sorted({int(p) for p in logits})
-    if positions and not 0 <= positions[0] <= positions[-1] < num_tokens:
-        raise ValueError(
-            f"logit positions must lie in [0, {num_tokens}), got {positions[0]}..{positions[-1]}"
-        )
+    positions = list(logits)
+    for p in positions:
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < num_tokens:
+            raise PrefillError(f"logit position {p!r} is outside the prompt [0, {num_tokens})")
     return positions
 
 
 class ShardedPrefill:
     """Prefill of one prompt over S pipeline stages, each a Ray actor holding a layer range.
 
-    model_source: a Hugging Face model directory (every stage loads the same weights) or a config
-    dict for random weights. layer_ranges: explicit contiguous ranges covering [0, L), or None with
-    `num_stages` for a balanced split. `actor_options` go to `ray.remote(...).options` (num_cpus,
-    num_gpus, ...); the actors are restartable (`max_restarts`).
+    model_source: as StageSpec.source. layer_ranges: explicit contiguous ranges covering [0, L),
+    or None with `num_stages` for a balanced split. attention/config/backend: as PrefillEngine.
+    `actor_options` go to `ray.remote(...).options` (num_cpus, num_gpus, ...); the actors are
+    restartable (`max_restarts`), so a killed stage comes back with its layers and no KV.
+
+        pipe = ShardedPrefill(model_dir, num_stages=2)
+        result = pipe.prefill(token_ids, chunk_size=8192, logits="last")   # a PrefillResult
+        result.extra["timeline"].summary()     # utilisation, bubble, overlap, bytes moved
     """
 
     def __init__(
         self,
-        model_source: str | dict,
+        model_source: str | dict | None,
         num_stages: int = 2,
         layer_ranges: Sequence[tuple[int, int]] | None = None,
-        proxy_config: ProxyAttnConfig | None = None,
+        attention: str = "proxy",
+        config: ProxyAttnConfig | None = None,
         backend: str = "auto",
         device: str = "cpu",
         dtype: str = "float32",
-        threads: int = 1,
+        threads: int | None = 1,
         actor_options: dict | None = None,
         max_restarts: int = 4,
         seed: int = 0,
+        model_id: str | None = None,
     ):
+        if attention not in attention_mod.MODES:
+            raise ValueError(f"attention must be one of {attention_mod.MODES}, got {attention!r}")
+        self.config = config or ProxyAttnConfig()
+        self.attention = attention
         total_layers = _num_layers(model_source)
         ranges = (
             list(layer_ranges)
@@ -482,8 +443,6 @@ class ShardedPrefill:
         )
         _check_ranges(ranges, total_layers)
         self.layer_ranges = ranges
-        self.total_layers = total_layers
-        self.proxy_config = proxy_config
         options = {"num_cpus": 1, "max_restarts": max_restarts, "max_task_retries": 0}
         options.update(actor_options or {})
         actor_class = ray.remote(PipelineStage).options(**options)
@@ -492,25 +451,31 @@ class ShardedPrefill:
                 source=model_source,
                 layer_start=start,
                 layer_stop=stop,
-                proxy_config=None if proxy_config is None else proxy_config.to_dict(),
+                attention=attention,
+                config=self.config.to_dict(),
                 backend=backend,
                 device=device,
                 dtype=dtype,
                 threads=threads,
                 seed=seed,
+                model_id=model_id,
             )
             for start, stop in ranges
         ]
-        self.stages = [
-            actor_class.remote(spec, s, len(ranges), total_layers) for s, spec in enumerate(self.specs)
-        ]
-        self.block_size = proxy_config.block_size if proxy_config is not None else 128
+        self.stages = [actor_class.remote(spec, s, len(ranges)) for s, spec in enumerate(self.specs)]
+        self._info: ModelInfo | None = None
 
     @property
     def num_stages(self) -> int:
         return len(self.stages)
 
-    def wait_ready(self, timeout_s: float = 300.0) -> list[int]:
+    @property
+    def model_info(self) -> ModelInfo:
+        if self._info is None:
+            self._info = ray.get(self.stages[0].model_info.remote(), timeout=600)
+        return self._info
+
+    def wait_ready(self, timeout_s: float = 600.0) -> list[int]:
         """Block until every stage has loaded its layers; returns their process ids."""
         return ray.get([stage.ping.remote() for stage in self.stages], timeout=timeout_s)
 
@@ -518,92 +483,156 @@ class ShardedPrefill:
     def prefill(
         self,
         token_ids: Sequence[int] | torch.Tensor,
-        chunk_size: int,
+        chunk_size: int = 8192,
         logits="last",
+        fixed_density: float | None = None,
         gather: bool = True,
         retry: bool = False,
         timeout_s: float = 600.0,
         window: int | None = None,
         request_id: str | None = None,
-        on_chunk_done=None,
-    ) -> ShardedPrefillResult:
-        """Prefill `token_ids` in chunks of `chunk_size` through all stages.
+        on_chunk_done: Callable[[int], None] | None = None,
+    ) -> PrefillResult:
+        """Prefill `token_ids` in chunks of `chunk_size` through all stages; a PrefillResult.
 
-        logits: "last", "all", None, or a sequence of absolute positions. gather=True copies every
-        layer's KV to the driver (layer order) and releases it on the stages; gather=False leaves
-        it there under `result.request_id` (use `gather_kv` / `release`). At most `window` chunks
-        (default 2 x stages) are in flight, which bounds the activations parked in the object store.
-        A stage failure releases the request's KV everywhere and raises StageUnavailableError;
-        with retry=True the request runs once more after the stages are back.
-        `on_chunk_done(chunk)` is called as each chunk leaves the last stage.
+        logits, fixed_density: as PrefillEngine.prefill. gather=True copies every layer's KV to the
+        driver (layer order, CPU) and releases it on the stages; gather=False leaves it there under
+        `result.extra["request_id"]` (fetch with `gather_kv`, free with `release`) and returns empty
+        key/value lists. At most `window` chunks (default 2 x stages) are in flight, which bounds the
+        activations parked in the object store. A stage failure or the deadline releases the
+        request's KV everywhere and raises StageUnavailableError; with retry=True the request runs
+        once more after Ray has restarted the stage. `on_chunk_done(chunk)` is called as each chunk
+        leaves the last stage.
+
+        result.extra: request_id, timeline (PipelineTimeline), ttft_s (submission to the last
+        chunk's logits), kv_bytes (reserved on the stages), attempts, layer_ranges.
         """
-        tokens = torch.as_tensor(token_ids, dtype=torch.long).flatten()
-        if tokens.numel() == 0:
-            raise ValueError("token_ids is empty")
-        if chunk_size <= 0 or chunk_size % self.block_size:
-            raise ValueError(f"chunk_size must be a positive multiple of block_size {self.block_size}")
+        tokens = self._check_tokens(token_ids)
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise PrefillError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        if self.attention == "proxy" and chunk_size % self.config.block_size:
+            raise PrefillError(
+                f"chunk_size ({chunk_size}) must be a multiple of block_size ({self.config.block_size})"
+            )
+        if fixed_density is not None and not 0.0 < float(fixed_density) <= 1.0:
+            raise PrefillError(f"fixed_density must be in (0, 1], got {fixed_density!r}")
+        positions = _logit_positions(logits, tokens.numel())
         attempts = 2 if retry else 1
         for attempt in range(1, attempts + 1):
             rid = request_id or uuid.uuid4().hex
             try:
-                result = self._run(rid, tokens, chunk_size, logits, gather, timeout_s, window, on_chunk_done)
-                result.attempts = attempt
-                return result
+                result = self._run(
+                    rid,
+                    tokens,
+                    chunk_size,
+                    positions,
+                    fixed_density,
+                    gather,
+                    timeout_s,
+                    window,
+                    on_chunk_done,
+                )
             except StageUnavailableError:
                 if attempt == attempts:
                     raise
                 self.wait_restarted(timeout_s=timeout_s)
+                continue
+            result.extra["attempts"] = attempt
+            return result
         raise AssertionError("unreachable")
 
-    def _run(self, rid, tokens, chunk_size, logits, gather, timeout_s, window, on_chunk_done):
+    def _check_tokens(self, token_ids) -> torch.Tensor:
+        if isinstance(token_ids, str | bytes):
+            raise PrefillError("token_ids must be a sequence of integers, not text; tokenize first")
+        tokens = torch.as_tensor(token_ids if isinstance(token_ids, torch.Tensor) else list(token_ids))
+        tokens = tokens.reshape(-1) if tokens.dim() == 2 and tokens.shape[0] == 1 else tokens
+        if tokens.dim() != 1 or tokens.numel() == 0:
+            raise PrefillError(f"token_ids must be a non-empty 1-D sequence, got shape {tuple(tokens.shape)}")
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise PrefillError(f"token_ids must be integers, got {tokens.dtype}")
+        tokens = tokens.to(torch.int64)
+        vocab = self.model_info.vocab_size
+        bad = ((tokens < 0) | (tokens >= vocab)).nonzero()
+        if bad.numel():
+            p = int(bad[0, 0])
+            raise PrefillError(
+                f"token id {int(tokens[p])} at position {p} is outside the vocabulary ({vocab})"
+            )
+        return tokens
+
+    def _run(
+        self, rid, tokens, chunk_size, positions, fixed_density, gather, timeout_s, window, on_chunk_done
+    ):
         n = tokens.numel()
-        positions = _logit_positions(logits, n)
         window = window or 2 * self.num_stages
         deadline = time.monotonic() + timeout_s
-        started = time.time()
+        started = time.perf_counter()
         num_chunks = math.ceil(n / chunk_size)
         try:
-            reserved = self._get([s.begin.remote(rid, n, self.block_size) for s in self.stages], deadline)
-            outputs: list = []
+            reserved = self._get([s.begin.remote(rid, n, fixed_density) for s in self.stages], deadline)
+            outputs: list[torch.Tensor] = []
             pending: list[tuple[int, ray.ObjectRef]] = []
             for c in range(num_chunks):
                 q0, q1 = c * chunk_size, min(n, (c + 1) * chunk_size)
                 rows = [p - q0 for p in positions if q0 <= p < q1]
                 ref = tokens[q0:q1].clone()
                 for s, stage in enumerate(self.stages):
-                    last = s == self.num_stages - 1
-                    ref = stage.forward.remote(rid, c, q0, ref, rows if last else None)
+                    ref = stage.forward.remote(rid, c, q0, ref, rows if s == self.num_stages - 1 else None)
                 pending.append((c, ref))
-                while len(pending) >= window or (c == num_chunks - 1 and pending):
+                # backpressure: wait for the oldest chunk once `window` are in flight, and drain at the end
+                while pending and (len(pending) >= window or c == num_chunks - 1):
                     done_chunk, done_ref = pending.pop(0)
                     outputs.append(self._get(done_ref, deadline))
+                    del done_ref
                     if on_chunk_done is not None:
                         on_chunk_done(done_chunk)
-            ttft = time.time() - started
+            ttft = time.perf_counter() - started
             records = [
                 r for rs in self._get([s.timeline.remote(rid) for s in self.stages], deadline) for r in rs
             ]
-            keys, values = [], []
+            stats = self._get([s.attention_stats.remote(rid) for s in self.stages], deadline)
+            keys: list[torch.Tensor] = []
+            values: list[torch.Tensor] = []
             if gather:
                 for _layer, k, v in self.gather_kv(rid, deadline=deadline):
                     keys.append(k)
                     values.append(v)
                 self.release(rid)
-        except StageUnavailableError:
+        except BaseException:
+            # a failure, the deadline or an interrupt: nothing of this request may stay behind
             self.release(rid)
             raise
-        logits_out = torch.cat(outputs, dim=0) if positions else None
-        return ShardedPrefillResult(
-            request_id=rid,
-            num_tokens=n,
+        # the logits rows come back chunk by chunk (caller's order within a chunk); restore the
+        # caller's order overall
+        by_chunk = sorted(range(len(positions)), key=lambda i: positions[i] // chunk_size)
+        logits_out = None
+        if positions:
+            ordered = torch.cat(outputs, dim=0)
+            logits_out = torch.empty_like(ordered)
+            logits_out[torch.tensor(by_chunk)] = ordered
+        sparsity = torch.cat([sums for _, _, sums in stats], dim=0) / n
+        info = self.model_info
+        return PrefillResult(
             keys=keys,
             values=values,
+            token_ids=tokens,
             logits=logits_out,
             logit_positions=positions,
-            timeline=PipelineTimeline(records, self.num_stages, num_chunks),
-            ttft_s=ttft,
-            kv_bytes=sum(reserved),
-            layer_ranges=list(self.layer_ranges),
+            sparsity=sparsity,
+            estimate_seconds=sum(e for e, _, _ in stats),
+            attention_seconds=sum(a for _, a, _ in stats),
+            total_seconds=time.perf_counter() - started,
+            peak_memory_bytes=None,
+            header=KVHeader.for_model(info, num_tokens=n, token_sha256=token_ids_sha256(tokens)),
+            chunk_size=chunk_size,
+            attention=self.attention,
+            extra={
+                "request_id": rid,
+                "timeline": PipelineTimeline(records, self.num_stages, num_chunks),
+                "ttft_s": ttft,
+                "kv_bytes": sum(reserved),
+                "layer_ranges": list(self.layer_ranges),
+            },
         )
 
     def _get(self, refs, deadline: float):
@@ -680,12 +709,24 @@ class ShardedPrefill:
         self.stages = []
 
 
-def _num_layers(source: str | dict) -> int:
+def _num_layers(source: str | dict | None) -> int:
     if isinstance(source, dict):
         return int(source["num_hidden_layers"])
+    from pathlib import Path
+
     from transformers import AutoConfig
 
-    return int(AutoConfig.from_pretrained(source).num_hidden_layers)
+    from .model import default_model_dir
+
+    if source is None:
+        path, extra = default_model_dir(), {}
+    elif Path(source).is_file():
+        path, extra = Path(source).parent, {"gguf_file": Path(source).name}
+    else:
+        path, extra = Path(source), {}
+    config = AutoConfig.from_pretrained(str(path), **extra)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.num_hidden_layers)
 
 
 def _check_ranges(ranges: list[tuple[int, int]], total_layers: int) -> None:
