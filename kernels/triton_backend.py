@@ -85,6 +85,21 @@ SCORE_TILES: dict[int, tuple[int, int, int, int]] = {
 }
 
 
+# Resource use of the last compiled launch of each kernel (registers, spills, shared memory),
+# filled on the GPU for the benchmark's record.
+KERNEL_RESOURCES: dict[str, dict] = {}
+
+
+def _record(name: str, kernel) -> None:
+    if kernel is not None and hasattr(kernel, "n_regs"):
+        shared = getattr(getattr(kernel, "metadata", None), "shared", None)
+        KERNEL_RESOURCES[name] = {
+            "registers": kernel.n_regs,
+            "spills": kernel.n_spills,
+            "shared_bytes": shared,
+        }
+
+
 def _attention_tiles(head_dim: int, mask_block: int) -> tuple[int, int, int, int]:
     block_m, block_n, warps, stages = ATTENTION_TILES.get(head_dim, (64, 64, 4, 2))
     return min(block_m, mask_block), min(block_n, mask_block), warps, stages
@@ -217,7 +232,7 @@ def estimate_block_scores(
     q_blocks = max(q_blocks, _cdiv(16, per_block))
     k_blocks = max(k_blocks, _cdiv(16, per_block))
     grid = (_cdiv(mq, q_blocks), b * g)
-    _proxy_block_scores[grid](
+    kernel = _proxy_block_scores[grid](
         proxy_q,
         proxy_k,
         scores,
@@ -241,6 +256,7 @@ def estimate_block_scores(
         num_warps=warps,
         num_stages=stages,
     )
+    _record("scores", kernel)
     return scores.reshape(b, g, mq, nkb)
 
 
@@ -403,7 +419,7 @@ def last_block_budgets(
         nq,
         nk,
     )
-    _last_block_row_stats[(b * hq, splits)](
+    kernel = _last_block_row_stats[(b * hq, splits)](
         q,
         k,
         row_max,
@@ -419,13 +435,14 @@ def last_block_budgets(
         DOT_PRECISION=precision,
         num_warps=warps,
     )
+    _record("row_stats", kernel)
     # merge the splits: M = max_j m_j, L = sum_j l_j 2^(m_j - M)
     total_max = row_max.amax(dim=1)
     safe_max = torch.where(torch.isinf(total_max), torch.zeros_like(total_max), total_max)
     total_sum = (row_sum * torch.exp2(row_max - safe_max[:, None])).sum(dim=1)
     inv_sum = torch.where(total_sum > 0, 1.0 / total_sum, torch.zeros_like(total_sum))
     mass = torch.empty(b * hq, nkb, dtype=torch.float32, device=q.device)
-    _last_block_mass[(b * hq, splits)](
+    kernel = _last_block_mass[(b * hq, splits)](
         q,
         k,
         safe_max.contiguous(),
@@ -443,6 +460,7 @@ def last_block_budgets(
         DOT_PRECISION=precision,
         num_warps=warps,
     )
+    _record("mass", kernel)
     share = mass.reshape(b, hq, nkb).sort(dim=-1, descending=True).values
     share = share / share.sum(dim=-1, keepdim=True)
     preceding = torch.cumsum(share, dim=-1) - share
@@ -649,10 +667,14 @@ def block_sparse_attention(
     q_offset: int = 0,
     scale: float | None = None,
     tiles: tuple[int, int, int, int] | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention over the index's kept blocks: (out like q, lse float32 [B, Hq, Nq]).
 
-    `tiles` overrides (BLOCK_M, BLOCK_N, num_warps, num_stages) for tuning runs."""
+    `tiles` overrides (BLOCK_M, BLOCK_N, num_warps, num_stages) for tuning runs; `out` (q's shape
+    and dtype) and `lse` (contiguous float32 [B, Hq, Nq]) are optional destinations, e.g. slices
+    of a preallocated buffer."""
     bs = index.block_size
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -663,10 +685,16 @@ def block_sparse_attention(
     block_m, block_n, warps, stages = tiles or _attention_tiles(d, bs)
     order = index.block_order
     counts = index.block_counts
-    out = torch.empty_like(q)
-    lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty_like(q)
+    if lse is None:
+        lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
+    if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must match q {tuple(q.shape)} {q.dtype} with a unit last stride")
+    if lse.shape != (b, hq, nq) or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(f"lse must be a contiguous float32 tensor of shape {(b, hq, nq)}")
     num_tiles = _cdiv(nq, block_m)
-    _sparse_attention_fwd[(b * hq, num_tiles)](
+    kernel = _sparse_attention_fwd[(b * hq, num_tiles)](
         q,
         k,
         v,
@@ -707,4 +735,5 @@ def block_sparse_attention(
         num_warps=warps,
         num_stages=stages,
     )
+    _record("attention", kernel)
     return out, lse
