@@ -152,12 +152,15 @@ def _dense_cuda(q, k, v, q_offset: int, scale: float) -> torch.Tensor:
         q_stacked, k[:, :, :q_offset].contiguous(), v[:, :, :q_offset].contiguous(), False, scale
     )
     out_pre = out_pre.reshape(b, hq, nq, d)
-    lse_pre = lse_pre.reshape(b, hq, nq)
-    top = torch.maximum(lse_pre, lse_own)
-    w_pre = torch.exp(lse_pre - top).unsqueeze(-1)
-    w_own = torch.exp(lse_own - top).unsqueeze(-1)
-    merged = (out_pre.float() * w_pre + out_own.float() * w_own) / (w_pre + w_own)
-    return merged.to(q.dtype)
+    # share of the prefix in the merged softmax: e^l1 / (e^l1 + e^l2) = sigmoid(l1 - l2)
+    prefix_share = torch.sigmoid(lse_pre.reshape(b, hq, nq) - lse_own).unsqueeze(-1)
+    # merge in float32 a few heads at a time, so the float32 temporaries stay small at 32k chunks
+    heads_per_step = max(1, hq // 4)
+    for h0 in range(0, hq, heads_per_step):
+        heads = slice(h0, h0 + heads_per_step)
+        merged = torch.lerp(out_own[:, heads].float(), out_pre[:, heads].float(), prefix_share[:, heads])
+        out_own[:, heads] = merged.to(q.dtype)
+    return out_own
 
 
 def dense_causal_attention(
