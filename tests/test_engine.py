@@ -374,3 +374,28 @@ def test_default_model_discovery_uses_the_cache(tmp_path, monkeypatch):
     marker.write_text(json.dumps({"source": gguf.name, "size": 1}))
     model_mod.default_model_dir()
     assert len(conversions) == 2  # stale marker: converted again
+
+
+def test_prefill_benchmark_smoke_run(tmp_path):
+    """bench/prefill.py end to end on a 2-layer CPU model: every planned row ran and the JSON
+    carries the baselines, versions and speedup entries."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "prefill.py"
+    spec = importlib.util.spec_from_file_location("bench_prefill", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "prefill.json"
+    bench.main(["--tiny", "--lengths", "512", "--chunks", "256", "--densities", "0.1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert [(r["mode"], r["chunk_size"]) for r in report["rows"]] == [
+        ("stock", None),
+        ("dense", 256),
+        ("proxy", 256),
+    ]
+    assert all("error" not in r and r["seconds"] > 0 for r in report["rows"])
+    assert report["versions"]["torch"] == torch.__version__
+    (entry,) = report["speedups"]
+    assert entry["vs_dense_engine"] > 0 and entry["vs_stock_sdpa"] > 0 and entry["mean_causal_sparsity"] > 0.3
