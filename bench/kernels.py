@@ -456,9 +456,11 @@ def main() -> None:
     cudnn, fa2 = sdpa(SDPBackend.CUDNN_ATTENTION), sdpa(SDPBackend.FLASH_ATTENTION)
     rows = result["rows"]
 
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     for n in args.lengths:
         run_length(n, args, cudnn, fa2, flex, rows)
         torch.cuda.empty_cache()
+        out_path.write_text(json.dumps(result, indent=1))  # partial results survive a time limit
 
     crossover(args.crossover, cudnn, result)
     result["kernel_resources"] = tb.KERNEL_RESOURCES
