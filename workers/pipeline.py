@@ -42,6 +42,7 @@ from .engine import PrefillError, PrefillResult, token_ids_sha256
 from .kv_cache import PreallocatedKVCache
 from .kv_files import KVHeader
 from .model import ModelInfo, check_supported, load_model, model_info_from_config
+from .planner import balanced_layer_ranges
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -308,20 +309,6 @@ def _cache_bytes(cache: PreallocatedKVCache) -> int:
 # --------------------------------------------------------------------------------------------
 # The driver
 # --------------------------------------------------------------------------------------------
-def balanced_layer_ranges(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
-    """Split layers [0, L) into `num_stages` contiguous ranges whose sizes differ by at most one
-    (the earlier stages get the extra layers: the last stage also runs the LM head)."""
-    if not 1 <= num_stages <= num_layers:
-        raise ValueError(f"need 1 <= stages <= layers, got {num_stages} stages for {num_layers} layers")
-    base, extra = divmod(num_layers, num_stages)
-    ranges, start = [], 0
-    for s in range(num_stages):
-        stop = start + base + (1 if s < extra else 0)
-        ranges.append((start, stop))
-        start = stop
-    return ranges
-
-
 @dataclass
 class PipelineTimeline:
     """Per-stage, per-chunk timestamps of one request and what they say about the pipeline.
