@@ -75,6 +75,7 @@ class PrefillWorker:
         self._lock = threading.Lock()
         self._stops: dict[str, tuple[threading.Event, float]] = {}
         self._kv: dict[str, StoredKV] = {}
+        self._outcomes = {"result": 0, "cancelled": 0, "error": 0}
 
     # description -----------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -95,6 +96,7 @@ class PrefillWorker:
                 "running": running,
                 "handles": len(self._kv),
                 "kv_bytes": sum(s.nbytes for s in self._kv.values()),
+                **{f"prefills_{kind}": count for kind, count in self._outcomes.items()},
             }
 
     # prefill ---------------------------------------------------------------------------------
@@ -151,16 +153,24 @@ class PrefillWorker:
                 yield {"kind": "progress", "done": item[0], "total": item[1]}
             thread.join()
             if "cancelled" in outcome or (stop.is_set() and "result" in outcome):
+                outcome.pop("result", None)
+                self._count("cancelled")
                 yield {"kind": "cancelled"}
             elif "error" in outcome:
+                self._count("error")
                 kind, message = outcome["error"]
                 yield {"kind": "error", "error": kind, "message": message}
             else:
+                self._count("result")
                 yield self._finish(outcome.pop("result"), token_ids, options.get("keep_handle"))
         finally:
             stop.set()  # a consumer that went away also stops the work
             with self._lock:
                 self._stops.pop(key, None)
+
+    def _count(self, kind: str) -> None:
+        with self._lock:
+            self._outcomes[kind] += 1
 
     def _finish(self, result, token_ids: np.ndarray, keep_handle: str | None) -> dict:
         header = asdict(result.header)
