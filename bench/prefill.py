@@ -190,6 +190,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--skip-stock-above", type=int, default=1 << 30)
     parser.add_argument("--commit", default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--profile", action="store_true", help="profile one proxy prefill per length (no timings saved)"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -259,6 +262,12 @@ def main(argv=None) -> dict:
             break
     run_stock(model, warm[: chunks[0]], device)
 
+    if args.profile:
+        for length in lengths:
+            ids = torch.randint(0, shape["vocab_size"], (length,), generator=generator)
+            profile_prefill(engine, ids, chunks[-1], args.densities[-1], config)
+        return report
+
     for length, reps in zip(lengths, repeats):
         ids = torch.randint(0, shape["vocab_size"], (length,), generator=generator)
         plan = []
@@ -306,6 +315,23 @@ def main(argv=None) -> dict:
     save()
     print(json.dumps(report["speedups"], indent=1))
     return report
+
+
+def profile_prefill(engine, ids, chunk, density, config) -> None:
+    """Where the time of one ProxyAttn prefill goes: the top operators by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    run_engine(engine, ids, chunk, "proxy", density, config)
+    with profile(activities=activities) as prof:
+        row = run_engine(engine, ids, chunk, "proxy", density, config)
+    sort = "cuda_time_total" if engine.device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60)
+    print(f"profile: {ids.numel()} tokens, chunk {chunk}, density {density}: {row['seconds']:.3f}s")
+    print(table)
+    extra = os.environ.get("OUT")
+    if extra:
+        Path(extra, f"profile-{ids.numel()}.txt").write_text(table)
 
 
 def speedups(report: dict) -> list[dict]:
