@@ -168,36 +168,42 @@ def flex_block_mask(index: BlockSparseIndex, n: int):
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, diag_last)
 TILE_VARIANTS = [
-    (128, 64, 8, 3),
-    (128, 128, 8, 3),
-    (128, 64, 4, 3),
-    (128, 128, 8, 2),
-    (64, 64, 4, 3),
-    (128, 64, 8, 4),
+    (128, 64, 8, 3, False),
+    (128, 64, 8, 3, True),
+    (128, 128, 8, 3, True),
+    (128, 64, 8, 4, True),
+    (128, 128, 8, 2, True),
+    (64, 64, 4, 3, True),
+    (64, 128, 4, 3, True),
 ]
+# proxy scores: (query blocks per program, key blocks per tile, num_warps, num_stages)
+SCORE_VARIANTS = [(2, 4, 8, 3), (1, 4, 4, 3), (2, 8, 8, 3), (4, 4, 8, 3), (2, 4, 4, 3), (1, 8, 4, 2)]
 
 
 def tune(lengths: list[int], result: dict) -> None:
-    """Attention tile variants (BLOCK_M, BLOCK_N, warps, stages) on the dense and a 90% mask."""
+    """Attention tile variants on the dense and a 90% mask; proxy-score tile variants."""
     for n in lengths:
         tune_length(n, result)
 
 
 def tune_length(n: int, result: dict) -> None:
     q, k, v = random_inputs(n, seed=n)
+    reps = repeats_for(n, 10)
     for sparsity in (0.0, 0.9):
         index = forced_index(n, sparsity, seed=n + 1)
         pairs = kept_pairs(index, n)
         want, _ = tb.block_sparse_attention(q, k, v, index)
-        for tiles in TILE_VARIANTS:
+        for *tiles, diag_last in TILE_VARIANTS:
+            tiles = tuple(tiles)
+
+            def attend(index=index, tiles=tiles, diag_last=diag_last):
+                return tb.block_sparse_attention(q, k, v, index, tiles=tiles, diag_last=diag_last)
+
             try:
-                got, _ = tb.block_sparse_attention(q, k, v, index, tiles=tiles)
-                err = rel_err(got, want)
-                timing = time_ms(
-                    lambda index=index, tiles=tiles: tb.block_sparse_attention(q, k, v, index, tiles=tiles),
-                    repeats_for(n, 10),
-                )
+                err = rel_err(attend()[0], want)
+                timing = time_ms(attend, reps)
             except Exception as exc:
                 print(f"  N={n} sparsity {sparsity} tiles {tiles}: failed {exc!r}"[:300])
                 continue
@@ -209,6 +215,7 @@ def tune_length(n: int, result: dict) -> None:
                     "n": n,
                     "sparsity": sparsity,
                     "tiles": list(tiles),
+                    "diag_last": diag_last,
                     "ours": timing,
                     "tflops_kept": tflops,
                     "rel_err": err,
@@ -216,10 +223,23 @@ def tune_length(n: int, result: dict) -> None:
                 }
             )
             print(
-                f"  N={n} sparsity {sparsity} tiles {tiles}: {timing['median_ms']:.2f} ms "
-                f"{tflops:.0f} TFLOP/s err {err:.1e} {res}",
+                f"  N={n} sparsity {sparsity} tiles {tiles} diag_last={diag_last}: "
+                f"{timing['median_ms']:.2f} ms {tflops:.0f} TFLOP/s err {err:.1e} {res}",
                 flush=True,
             )
+    cfg = ProxyAttnConfig()
+    want = tb.estimate_block_scores(q, k, cfg)
+    finite = torch.isfinite(want)
+    for tiles in SCORE_VARIANTS:
+
+        def score(tiles=tiles):
+            return tb.estimate_block_scores(q, k, cfg, tiles=tiles)
+
+        err = rel_err(score()[finite], want[finite])
+        timing = time_ms(score, reps)
+        res = dict(tb.KERNEL_RESOURCES.get("scores", {}))
+        result["rows"].append({"kind": "tune_scores", "n": n, "tiles": list(tiles), "scores": timing, **res})
+        print(f"  N={n} scores tiles {tiles}: {timing['median_ms']:.3f} ms err {err:.1e} {res}", flush=True)
 
 
 def crossover(lengths: list[int], cudnn, result: dict) -> None:
@@ -229,30 +249,38 @@ def crossover(lengths: list[int], cudnn, result: dict) -> None:
         crossover_length(n, cudnn, result)
 
 
+CROSSOVER_CONFIGS = {
+    # natural budgets, default settings (min budget 2048 tokens), structured inputs
+    "default gamma0.95": ProxyAttnConfig(),
+    # budgets forced near a fixed causal sparsity (plus sink and diagonal), estimation included
+    "sparsity~0.7": ProxyAttnConfig(
+        budget="gamma+power", gamma=0.01, alpha=0.3, exponent=1.0, min_budget_tokens=0
+    ),
+    "sparsity~0.9": ProxyAttnConfig(
+        budget="gamma+power", gamma=0.01, alpha=0.1, exponent=1.0, min_budget_tokens=0
+    ),
+}
+
+
 def crossover_length(n: int, cudnn, result: dict) -> None:
-    cfg = ProxyAttnConfig()
     q, k, v = structured_inputs(n, seed=n + 3)
     kr, vr = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
     reps = repeats_for(n, 20)
     dense_index = BlockSparseIndex.dense(1, HQ, 1, n, n, BS, device="cuda")
     dense = time_ms(lambda: tb.block_sparse_attention(q, k, v, dense_index), reps)
-    sparse = time_ms(lambda: proxy_attention(q, k, v, cfg, backend="triton"), reps)
     base = time_ms(lambda: cudnn(q, kr, vr), reps)
-    _, stats = proxy_attention(q, k, v, cfg, backend="triton", return_stats=True)
-    sparsity = stats.causal_sparsity().mean().item()
-    result["rows"].append(
-        {
-            "kind": "crossover",
-            "n": n,
-            "ours_dense": dense,
-            "proxy_attention": sparse,
-            "cudnn": base,
-            "causal_sparsity": sparsity,
-        }
-    )
+    row = {"kind": "crossover", "n": n, "ours_dense": dense, "cudnn": base, "sparse": {}}
+    text = []
+    for label, cfg in CROSSOVER_CONFIGS.items():
+        sparse = time_ms(lambda cfg=cfg: proxy_attention(q, k, v, cfg, backend="triton"), reps)
+        _, stats = proxy_attention(q, k, v, cfg, backend="triton", return_stats=True)
+        sparsity = stats.causal_sparsity().mean().item()
+        row["sparse"][label] = {"proxy_attention": sparse, "causal_sparsity": sparsity}
+        text.append(f"{label} {sparse['median_ms']:.3f} ms (sparsity {sparsity:.2f})")
+    result["rows"].append(row)
     print(
-        f"  crossover N={n}: ours dense {dense['median_ms']:.3f} ms, proxy_attention "
-        f"{sparse['median_ms']:.3f} ms (sparsity {sparsity:.3f}), cuDNN {base['median_ms']:.3f} ms",
+        f"  crossover N={n}: ours dense {dense['median_ms']:.3f} ms, cuDNN {base['median_ms']:.3f} ms; "
+        + "; ".join(text),
         flush=True,
     )
 
@@ -327,6 +355,8 @@ def run_length(n: int, args, cudnn, fa2, flex, rows: list) -> None:
         "scores": time_ms(lambda: tb.estimate_block_scores(q, k, cfg), reps),
         "budgets": time_ms(lambda: tb.head_budgets(q, k, cfg), reps),
     }
+    scores, budgets = tb.estimate_block_scores(q, k, cfg), tb.head_budgets(q, k, cfg)
+    parts["index"] = time_ms(lambda: tb.build_block_mask(scores, budgets, cfg), reps)
     rows.append(
         {
             "kind": "estimation",
@@ -338,7 +368,8 @@ def run_length(n: int, args, cudnn, fa2, flex, rows: list) -> None:
     )
     print(
         f"  estimation {est['median_ms']:.2f} ms = {100 * est['median_ms'] / t_cudnn:.2f}% of cuDNN "
-        f"(scores {parts['scores']['median_ms']:.2f}, budgets {parts['budgets']['median_ms']:.2f})",
+        f"(scores {parts['scores']['median_ms']:.2f}, budgets {parts['budgets']['median_ms']:.2f}, "
+        f"index {parts['index']['median_ms']:.2f})",
         flush=True,
     )
 
@@ -420,7 +451,7 @@ def main() -> None:
         "--flex-max", type=int, default=131072, help="longest length timed with FlexAttention"
     )
     parser.add_argument("--no-fa2", action="store_true")
-    parser.add_argument("--crossover", type=int, nargs="*", default=[2048, 4096, 8192, 16384, 32768])
+    parser.add_argument("--crossover", type=int, nargs="*", default=[4096, 8192, 12288, 16384, 24576, 32768])
     parser.add_argument("--tune", action="store_true", help="time attention tile variants, then stop")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

@@ -27,6 +27,7 @@ The index build uses torch sort/gather on the device (cheap at Nk_blocks <= a fe
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -50,9 +51,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 4  # interpreter: keep grids small
 
 
@@ -190,22 +196,71 @@ def _proxy_block_scores(
         )
 
 
+@triton.jit
+def _strided_group_mean(
+    X,
+    Out,
+    stride_xb,
+    stride_xh,
+    stride_xn,
+    num_groups,
+    heads_per_group,
+    num_rows,  # strided rows written: ceil(N / stride)
+    stride,
+    inv_heads,
+    BLOCK_R: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """Out[b*g + j, r] = mean over the heads of group j of X[b, h, r * stride] (float32 sum)."""
+    pid_r = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // num_groups
+    group = bg % num_groups
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < num_rows
+    dims = tl.arange(0, HEAD_DIM)
+    offsets = (rows * stride)[:, None] * stride_xn + dims[None, :]
+    acc = tl.full([BLOCK_R, HEAD_DIM], 0.0, dtype=tl.float32)
+    for j in range(0, heads_per_group):
+        head = group * heads_per_group + j
+        x = tl.load(X + b * stride_xb + head * stride_xh + offsets, mask=row_ok[:, None], other=0.0)
+        acc += x.to(tl.float32)
+    out = Out + bg * num_rows * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :]
+    tl.store(out, (acc * inv_heads).to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+
 def _proxy_heads(
     q: torch.Tensor, k: torch.Tensor, config: ProxyAttnConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Strided proxy heads [B*g, N/s, d]: the mean over the group's heads of every s-th token.
+    """Strided proxy heads [B*g, ceil(N/s), d]: the mean over the group's heads of every s-th token.
 
-    The mean is taken in float32 and stored in q's dtype when that is a half type, so the score
-    kernel's dots run on the tensor cores (float32 otherwise)."""
+    The mean is summed in float32 and stored in q's dtype when that is a half type, so the score
+    kernel's dots run on the tensor cores (float32 otherwise). One launch per tensor."""
     s, g = config.stride, config.proxy_groups
-    b, hq, _, d = q.shape
-    hkv = k.shape[1]
     store = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    qs = q[:, :, ::s]
-    ks = k[:, :, ::s]
-    proxy_q = qs.reshape(b, g, hq // g, qs.shape[2], d).float().mean(dim=2).to(store)
-    proxy_k = ks.reshape(b, g, hkv // g, ks.shape[2], d).float().mean(dim=2).to(store)
-    return proxy_q.reshape(b * g, -1, d).contiguous(), proxy_k.reshape(b * g, -1, d).contiguous()
+    proxies = []
+    for x in (q, k):
+        b, heads, n, d = x.shape
+        rows = _cdiv(n, s)
+        out = torch.empty(b * g, rows, d, dtype=store, device=x.device)
+        block_r = 64
+        _strided_group_mean[(_cdiv(rows, block_r), b * g)](
+            x,
+            out,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            g,
+            heads // g,
+            rows,
+            s,
+            1.0 / (heads // g),
+            BLOCK_R=block_r,
+            HEAD_DIM=d,
+            num_warps=4,
+        )
+        proxies.append(out)
+    return proxies[0], proxies[1]
 
 
 def estimate_block_scores(
@@ -214,9 +269,11 @@ def estimate_block_scores(
     config: ProxyAttnConfig,
     q_offset: int = 0,
     scale: float | None = None,
+    tiles: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Proxy block scores, float32 [B, g, Mq, Nk_blocks]; -inf past each row's diagonal
-    (see reference.estimate_block_scores for the definition)."""
+    (see reference.estimate_block_scores for the definition). `tiles` overrides
+    (query blocks per program, key blocks per tile, num_warps, num_stages) for tuning runs."""
     if config.estimator == "meanpool":
         return coarse.estimate_block_scores_meanpool(q, k, config, q_offset, scale)
     bs, s, g = config.block_size, config.stride, config.proxy_groups
@@ -224,10 +281,11 @@ def estimate_block_scores(
     nk = k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     mq, nkb = _cdiv(nq, bs), _cdiv(nk, bs)
+    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     proxy_q, proxy_k = _proxy_heads(q, k, config)
     scores = torch.full((b * g, mq, nkb), float("-inf"), dtype=torch.float32, device=q.device)
     per_block = bs // s
-    q_blocks, k_blocks, warps, stages = SCORE_TILES.get(d, (2, 4, 4, 2))
+    q_blocks, k_blocks, warps, stages = tiles or SCORE_TILES.get(d, (2, 4, 4, 2))
     # tl.dot needs at least 16 rows and keys per tile
     q_blocks = max(q_blocks, _cdiv(16, per_block))
     k_blocks = max(k_blocks, _cdiv(16, per_block))
@@ -330,7 +388,7 @@ def _last_block_mass(
     Q,
     K,
     RowMax,
-    RowInvSum,
+    RowSum,
     Mass,
     stride_qb,
     stride_qh,
@@ -346,13 +404,17 @@ def _last_block_mass(
     q_offset,
     first_row,
     blocks_per_split,
+    num_splits,
     inv_rows,
     qk_scale_log2,
     ROWS: tl.constexpr,
+    SPLITS: tl.constexpr,  # num_splits rounded up to a power of two
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """mass[b, h, n] = mean over the last block's rows of the probability summed over key block n."""
+    """mass[b, h, n] = mean over the last block's rows of the probability summed over key block n.
+
+    Merges the splits' partial statistics first: M = max_j m_j, L = sum_j l_j 2^(m_j - M)."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // num_heads
@@ -367,9 +429,15 @@ def _last_block_mass(
         mask=row_ok[:, None],
         other=0.0,
     )
-    row_max = tl.load(RowMax + bh * ROWS + tl.arange(0, ROWS))
-    row_inv_sum = tl.load(RowInvSum + bh * ROWS + tl.arange(0, ROWS))
-    row_inv_sum = tl.where(row_ok, row_inv_sum, 0.0)
+    splits = tl.arange(0, SPLITS)
+    partial = (bh * num_splits + splits)[:, None] * ROWS + tl.arange(0, ROWS)[None, :]
+    split_ok = splits[:, None] < num_splits
+    part_max = tl.load(RowMax + partial, mask=split_ok, other=float("-inf"))
+    part_sum = tl.load(RowSum + partial, mask=split_ok, other=0.0)
+    row_max = _row_max(part_max, 0)
+    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)  # rows that see no key (padding)
+    row_total = _row_sum(part_sum * tl.exp2(part_max - row_max[None, :]), 0)
+    row_inv_sum = tl.where(row_ok & (row_total > 0), 1.0 / row_total, 0.0)
     k_base = K + b * stride_kb + kvh * stride_kh
     first_block = split * blocks_per_split
     last_block = tl.minimum(first_block + blocks_per_split, num_key_blocks)
@@ -384,14 +452,64 @@ def _last_block_mass(
         tl.store(Mass + bh * num_key_blocks + n, _row_sum(_row_sum(p, 1), 0) * inv_rows)
 
 
-def last_block_budgets(
+@triton.jit
+def _gamma_budgets(
+    Mass,
+    KLast,
+    Budgets,
+    num_key_blocks,
+    num_q_blocks,
+    first_causal,  # causal key blocks of the chunk's first query block
+    gamma,
+    min_blocks,
+    SCALED: tl.constexpr,
+    NKB: tl.constexpr,  # num_key_blocks rounded up to a power of two
+    CHUNK: tl.constexpr,
+    ROW_TILE: tl.constexpr,
+):
+    """k = #{blocks j : (mass ranked before j) / (total mass) < gamma}, the sorted-cumulative rule
+    without a sort: "ranked before" = larger mass, or equal mass and a lower index (a tie's
+    members get the same set of preceding sums in any order). Then the row rule, the floor and
+    the causal clamp give budgets[b, h, m]."""
+    bh = tl.program_id(0)
+    cols = tl.arange(0, NKB)
+    col_ok = cols < num_key_blocks
+    base = Mass + bh * num_key_blocks
+    mass = tl.load(base + cols, mask=col_ok, other=0.0)
+    ranked = tl.where(col_ok, mass, -1.0)  # padding ranks last and weighs nothing
+    total = _row_sum(mass, 0)
+    hits = tl.full([CHUNK], 0, dtype=tl.int32)
+    for j0 in range(0, num_key_blocks, CHUNK):
+        js = j0 + tl.arange(0, CHUNK)
+        mass_j = tl.load(base + js, mask=js < num_key_blocks, other=-1.0)
+        before = (ranked[None, :] > mass_j[:, None]) | (
+            (ranked[None, :] == mass_j[:, None]) & (cols[None, :] < js[:, None])
+        )
+        preceding = _row_sum(tl.where(before, mass[None, :], 0.0), 1)
+        hits += ((preceding / total < gamma) & (js < num_key_blocks)).to(tl.int32)
+    k_last = _row_sum(hits, 0)
+    tl.store(KLast + bh, k_last.to(tl.int64))
+
+    last_causal = first_causal + num_q_blocks - 1
+    for m0 in range(0, num_q_blocks, ROW_TILE):
+        rows = m0 + tl.arange(0, ROW_TILE)
+        causal = first_causal + rows
+        if SCALED:
+            budget = (k_last * causal + last_causal - 1) // last_causal
+        else:
+            budget = k_last + causal * 0
+        budget = tl.minimum(tl.maximum(budget, min_blocks), causal)
+        tl.store(Budgets + bh * num_q_blocks + rows, budget.to(tl.int64), mask=rows < num_q_blocks)
+
+
+def _gamma_budgets_and_last(
     q: torch.Tensor,
     k: torch.Tensor,
     config: ProxyAttnConfig,
-    q_offset: int = 0,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Per-head gamma budget in key blocks, int64 [B, Hq] (see reference.last_block_budgets)."""
+    q_offset: int,
+    scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k_last int64 [B, Hq], gamma budgets with row rule, floor and clamp int64 [B, Hq, Mq])."""
     bs = config.block_size
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -400,7 +518,7 @@ def last_block_budgets(
     first_row = (_cdiv(nq, bs) - 1) * bs
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     # split the keys so that about four programs per multiprocessor run
-    splits = max(1, min(nkb, _cdiv(4 * _num_sms(q.device), b * hq)))
+    splits = max(1, min(nkb, 64, _cdiv(4 * _num_sms(q.device), b * hq)))
     blocks_per_split = _cdiv(nkb, splits)
     splits = _cdiv(nkb, blocks_per_split)
     precision = _dot_precision(q.dtype)
@@ -436,35 +554,60 @@ def last_block_budgets(
         num_warps=warps,
     )
     _record("row_stats", kernel)
-    # merge the splits: M = max_j m_j, L = sum_j l_j 2^(m_j - M)
-    total_max = row_max.amax(dim=1)
-    safe_max = torch.where(torch.isinf(total_max), torch.zeros_like(total_max), total_max)
-    total_sum = (row_sum * torch.exp2(row_max - safe_max[:, None])).sum(dim=1)
-    inv_sum = torch.where(total_sum > 0, 1.0 / total_sum, torch.zeros_like(total_sum))
     mass = torch.empty(b * hq, nkb, dtype=torch.float32, device=q.device)
     kernel = _last_block_mass[(b * hq, splits)](
         q,
         k,
-        safe_max.contiguous(),
-        inv_sum.contiguous(),
+        row_max,
+        row_sum,
         mass,
         *common,
         nkb,
         q_offset,
         first_row,
         blocks_per_split,
+        splits,
         1.0 / (nq - first_row),
         scale * LOG2E,
         ROWS=bs,
+        SPLITS=triton.next_power_of_2(splits),
         HEAD_DIM=d,
         DOT_PRECISION=precision,
         num_warps=warps,
     )
     _record("mass", kernel)
-    share = mass.reshape(b, hq, nkb).sort(dim=-1, descending=True).values
-    share = share / share.sum(dim=-1, keepdim=True)
-    preceding = torch.cumsum(share, dim=-1) - share
-    return (preceding < config.gamma).sum(dim=-1)
+    mq = _cdiv(nq, bs)
+    k_last = torch.empty(b, hq, dtype=torch.int64, device=q.device)
+    budgets = torch.empty(b, hq, mq, dtype=torch.int64, device=q.device)
+    nkb_p2 = max(16, triton.next_power_of_2(nkb))
+    kernel = _gamma_budgets[(b * hq,)](
+        mass,
+        k_last,
+        budgets,
+        nkb,
+        mq,
+        q_offset // bs + 1,
+        float(config.gamma),
+        config.min_budget_blocks,
+        SCALED=config.row_rule == "scaled",
+        NKB=nkb_p2,
+        CHUNK=max(1, min(64, 8192 // nkb_p2)),
+        ROW_TILE=256,
+        num_warps=8 if nkb_p2 >= 1024 else 4,
+    )
+    _record("gamma_budgets", kernel)
+    return k_last, budgets
+
+
+def last_block_budgets(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: ProxyAttnConfig,
+    q_offset: int = 0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Per-head gamma budget in key blocks, int64 [B, Hq] (see reference.last_block_budgets)."""
+    return _gamma_budgets_and_last(q, k, config, q_offset, scale)[0]
 
 
 def head_budgets(
@@ -474,86 +617,192 @@ def head_budgets(
     q_offset: int = 0,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Block budget k_i(m) per head and query block, int64 [B, Hq, Mq] (see reference.head_budgets)."""
+    """Block budget k_i(m) per head and query block, int64 [B, Hq, Mq] (see reference.head_budgets).
+
+    The gamma policy is finished inside the budget kernel; the power policies add the
+    alpha * n**C rule with the reference's own (float64) formula."""
+    if config.budget == "gamma":
+        return _gamma_budgets_and_last(q, k, config, q_offset, scale)[1]
     bs = config.block_size
     b, hq, nq, _ = q.shape
     mq = _cdiv(nq, bs)
     causal = causal_blocks_per_row(mq, q_offset, bs, q.device)
     budget = torch.zeros(b, hq, mq, dtype=torch.long, device=q.device)
-    if config.budget in ("gamma", "gamma+power"):
-        k_last = last_block_budgets(q, k, config, q_offset, scale)[:, :, None]
+    if config.budget == "gamma+power":
+        k_last = _gamma_budgets_and_last(q, k, config, q_offset, scale)[0][:, :, None]
         if config.row_rule == "fixed":
-            budget = k_last.expand(b, hq, mq).clone()
+            budget = k_last.expand(b, hq, mq)
         else:
             c_last = causal[-1]
             budget = torch.div(k_last * causal + c_last - 1, c_last, rounding_mode="floor")
-    if config.budget in ("power", "gamma+power"):
-        budget = torch.maximum(budget, power_budgets(mq, q_offset, nq, config, q.device).expand(b, hq, mq))
-    budget = torch.clamp(budget, min=config.min_budget_blocks)
+    power = power_budgets(mq, q_offset, nq, config, q.device).expand(b, hq, mq)
+    budget = torch.clamp(torch.maximum(budget, power), min=config.min_budget_blocks)
     return torch.minimum(budget, causal.expand(b, hq, mq))
 
 
 # --------------------------------------------------------------------------------------------
 # 5. The nested index
 # --------------------------------------------------------------------------------------------
+@triton.jit
+def _index_rows(
+    Scores,
+    Budgets,
+    Keyed,
+    Counts,
+    stride_sbg,
+    stride_sm,
+    stride_bb,
+    stride_bh,
+    stride_cb,
+    stride_ch,
+    num_groups,
+    heads_per_group,
+    num_key_blocks,
+    first_diag,  # diagonal key block of the chunk's first query block
+    SINKS: tl.constexpr,
+    LOCAL: tl.constexpr,
+    CANDIDATES: tl.constexpr,  # SINKS + LOCAL rounded up to a power of two
+    NKB: tl.constexpr,  # num_key_blocks rounded up to a power of two
+):
+    """One (batch, group, query block) row: the sort key (forced blocks +inf) for the keep-first
+    order, and every head's count |forced| + k - |forced among the top k|, clamped to the
+    row's causal blocks. The plain-score rank of a forced block is counted directly: blocks
+    scoring higher, or equal with a lower index (the stable descending sort's order)."""
+    m = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // num_groups
+    group = bg % num_groups
+    diag = first_diag + m
+    cols = tl.arange(0, NKB)
+    col_ok = cols < num_key_blocks
+    row = Scores + bg * stride_sbg + m * stride_sm
+    scores = tl.load(row + cols, mask=col_ok, other=float("-inf"))
+    forced = ((cols < SINKS) | (cols > diag - LOCAL)) & (cols <= diag)
+    tl.store(
+        Keyed + bg * stride_sbg + m * stride_sm + cols, tl.where(forced, float("inf"), scores), mask=col_ok
+    )
+
+    # forced candidates: sinks 0..SINKS-1, then local blocks diag, diag-1, ... (a local block
+    # that is also a sink counts once); valid inside the row's causal blocks
+    slot = tl.arange(0, CANDIDATES)
+    cand = tl.where(slot < SINKS, slot, diag - (slot - SINKS))
+    valid = (slot < SINKS + LOCAL) & (cand >= 0) & (cand <= diag) & ((slot < SINKS) | (cand >= SINKS))
+    cand_score = tl.load(row + cand, mask=valid, other=0.0)
+    before = (scores[None, :] > cand_score[:, None]) | (
+        (scores[None, :] == cand_score[:, None]) & (cols[None, :] < cand[:, None])
+    )
+    rank = _row_sum((before & col_ok[None, :]).to(tl.int32), 1)
+    num_forced = _row_sum(valid.to(tl.int32), 0)
+    for j in range(0, heads_per_group):
+        head = group * heads_per_group + j
+        budget = tl.load(Budgets + b * stride_bb + head * stride_bh + m).to(tl.int32)
+        overlap = _row_sum((valid & (rank < budget)).to(tl.int32), 0)
+        count = tl.minimum(num_forced + budget - overlap, diag + 1)
+        tl.store(Counts + b * stride_cb + head * stride_ch + m, count)
+
+
+@triton.jit
+def _finish_order(Sorted, Order, num_key_blocks, first_causal, NKB: tl.constexpr):
+    """int32 keep-first order: the sorted indices inside the row's causal blocks, -1 past them."""
+    m = tl.program_id(0)
+    bg = tl.program_id(1)
+    num_rows = tl.num_programs(0)
+    cols = tl.arange(0, NKB)
+    col_ok = cols < num_key_blocks
+    offset = (bg * num_rows + m) * num_key_blocks + cols
+    idx = tl.load(Sorted + offset, mask=col_ok, other=0)
+    tl.store(Order + offset, tl.where(cols < first_causal + m, idx, -1).to(tl.int32), mask=col_ok)
+
+
 def build_block_mask(
     scores: torch.Tensor,
     budgets: torch.Tensor,
     config: ProxyAttnConfig,
     q_offset: int = 0,
 ) -> BlockSparseIndex:
-    """The nested index (see reference.build_block_mask), built with one sort per group row.
+    """The nested index (see reference.build_block_mask) with one sort per group row.
 
-    The keep-first order sorts each row once with forced blocks (sinks, local) keyed +inf. The
-    count |forced| + k - |forced among the top k| needs only the plain-score rank of the few
-    forced blocks, counted directly (blocks scoring higher, or equal with a lower index), so no
-    per-head [Hq, Mq, Nk_blocks] tensor is ever built."""
+    A kernel writes each row's sort key (forced blocks +inf) and every head's count; one stable
+    descending torch.sort gives the keep-first order; a last kernel marks entries past the
+    row's causal blocks -1. No per-head [Hq, Mq, Nk_blocks] tensor is built."""
     bs = config.block_size
     b, g, mq, nkb = scores.shape
     hq = budgets.shape[1]
-    device = scores.device
-    causal = causal_blocks_per_row(mq, q_offset, bs, device)  # [Mq]
-    diag = causal - 1
-    col = torch.arange(nkb, device=device)
-
-    # forced candidates per row: the sinks, then the local blocks (a local block that is also a
-    # sink is counted once); valid only inside the row's causal blocks
-    sinks = torch.arange(config.sink_blocks, device=device).expand(mq, config.sink_blocks)
-    local = diag[:, None] - torch.arange(config.local_blocks, device=device)[None, :]
-    candidates = torch.cat([sinks, local], dim=1)  # [Mq, F]
-    valid = (candidates >= 0) & (candidates <= diag[:, None])
-    valid[:, config.sink_blocks :] &= local >= config.sink_blocks
-    safe = candidates.clamp(min=0)
-
-    forced = ((col[None, None, :] == safe[:, :, None]) & valid[:, :, None]).any(dim=1)  # [Mq, Nk_blocks]
-
-    keyed = scores.masked_fill(forced, float("inf"))
-    order = torch.sort(keyed, dim=-1, descending=True, stable=True).indices
-    order = torch.where(col < causal[:, None], order, torch.full_like(order, -1))
-
-    # plain-score rank of every forced candidate: [B, g, Mq, F]
-    cand_scores = torch.gather(scores, -1, safe.expand(b, g, mq, safe.shape[1]))
-    higher = scores[..., None, :] > cand_scores[..., None]
-    tied_before = (scores[..., None, :] == cand_scores[..., None]) & (col < safe[..., None])
-    rank = (higher | tied_before).sum(dim=-1)  # [B, g, Mq, F]
-
-    per_group = hq // g
-    budgets_g = budgets.reshape(b, g, per_group, mq)
-    in_top = (rank[:, :, None] < budgets_g[..., None]) & valid  # [B, g, per_group, Mq, F]
-    overlap = in_top.sum(dim=-1)
-    counts = valid.sum(dim=-1) + budgets_g - overlap
-    counts = torch.minimum(counts, causal).reshape(b, hq, mq)
-    return BlockSparseIndex(
-        block_order=order.to(torch.int32),
-        block_counts=counts.to(torch.int32),
-        block_size=bs,
-        q_offset=q_offset,
+    scores = scores.contiguous()
+    budgets = budgets.contiguous()
+    keyed = torch.empty_like(scores)
+    counts = torch.empty(b, hq, mq, dtype=torch.int32, device=scores.device)
+    nkb_p2 = max(16, triton.next_power_of_2(nkb))
+    warps = 8 if nkb_p2 >= 2048 else 4
+    kernel = _index_rows[(mq, b * g)](
+        scores,
+        budgets,
+        keyed,
+        counts,
+        scores.stride(1),
+        scores.stride(2),
+        budgets.stride(0),
+        budgets.stride(1),
+        counts.stride(0),
+        counts.stride(1),
+        g,
+        hq // g,
+        nkb,
+        q_offset // bs,
+        SINKS=config.sink_blocks,
+        LOCAL=config.local_blocks,
+        CANDIDATES=max(2, triton.next_power_of_2(config.sink_blocks + config.local_blocks)),
+        NKB=nkb_p2,
+        num_warps=warps,
     )
+    _record("index_rows", kernel)
+    by_key = torch.sort(keyed, dim=-1, descending=True, stable=True).indices
+    order = torch.empty(b, g, mq, nkb, dtype=torch.int32, device=scores.device)
+    _finish_order[(mq, b * g)](by_key, order, nkb, q_offset // bs + 1, NKB=nkb_p2, num_warps=warps)
+    return BlockSparseIndex(block_order=order, block_counts=counts, block_size=bs, q_offset=q_offset)
 
 
 # --------------------------------------------------------------------------------------------
 # 6. Block-sparse attention
 # --------------------------------------------------------------------------------------------
+@triton.jit
+def _attend(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    keys,
+    q_pos,
+    dims,
+    stride_kn,
+    stride_vn,
+    num_keys,
+    qk_scale_log2,
+    CAUSAL: tl.constexpr,
+    BOUNDED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step over the key tile `keys` (log2 domain)."""
+    if BOUNDED:
+        in_range = keys[:, None] < num_keys
+        k = tl.load(k_base + keys[:, None] * stride_kn + dims[None, :], mask=in_range, other=0.0)
+        v = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :], mask=in_range, other=0.0)
+    else:
+        k = tl.load(k_base + keys[:, None] * stride_kn + dims[None, :])
+        v = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :])
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if CAUSAL:
+        qk = tl.where(keys[None, :] <= q_pos[:, None], qk, float("-inf"))
+    m_new = tl.maximum(m_i, _row_max(qk, 1) * qk_scale_log2)
+    p = tl.exp2(qk * qk_scale_log2 - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + _row_sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
 @triton.jit
 def _sparse_attention_fwd(
     Q,
@@ -593,12 +842,20 @@ def _sparse_attention_fwd(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DIAG_LAST: tl.constexpr,
 ):
     """One program per (batch x head, query tile). It walks its mask row's first `count` entries
-    of the group's keep-first list, BLOCK_N keys at a time, with an online softmax. Only the
-    diagonal key block needs the causal mask: any other kept block precedes every query of the
-    row. Heads run fastest in the grid, so the heads of one KV head, which read the same (nested)
-    K/V blocks, run side by side and share them through L2."""
+    of the group's keep-first list, BLOCK_N keys at a time, with an online softmax. Heads run
+    fastest in the grid, so the heads of one KV head, which read the same (nested) K/V blocks,
+    run side by side and share them through L2.
+
+    Only the diagonal key block needs the causal mask (every other kept block precedes every
+    query of the row), and only the last key block can be ragged (it is the last row's
+    diagonal). DIAG_LAST: the main loop covers the first count-1 entries with the diagonal, if
+    met, swapped for the last entry, using unmasked loads and no causal test; the diagonal (or,
+    for an index that lacks it, the last entry) follows alone with both masks. Otherwise every
+    tile is loaded bounds-checked and tested for the diagonal (the first version, kept for
+    comparison)."""
     TILES: tl.constexpr = MASK_BLOCK // BLOCK_N
     bh = tl.program_id(0)
     # longest rows first: better tail balance
@@ -628,21 +885,43 @@ def _sparse_attention_fwd(
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
-    for it in range(0, count * TILES):
-        block = tl.load(order_row + it // TILES)
-        keys = block * MASK_BLOCK + (it % TILES) * BLOCK_N + offs_n
-        in_range = keys[:, None] < num_keys
-        k = tl.load(k_base + keys[:, None] * stride_kn + dims[None, :], mask=in_range, other=0.0)
-        v = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :], mask=in_range, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if block == diag:
-            qk = tl.where(keys[None, :] <= q_pos[:, None], qk, float("-inf"))
-        m_new = tl.maximum(m_i, _row_max(qk, 1) * qk_scale_log2)
-        p = tl.exp2(qk * qk_scale_log2 - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + _row_sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    if DIAG_LAST:
+        last = tl.load(order_row + tl.maximum(count - 1, 0))
+        diag_kept = last == diag
+        for it in range(0, (count - 1) * TILES):
+            block = tl.load(order_row + it // TILES)
+            diag_kept = diag_kept | (block == diag)
+            block = tl.where(block == diag, last, block)
+            keys = block * MASK_BLOCK + (it % TILES) * BLOCK_N + offs_n
+            acc, m_i, l_i = _attend(
+                acc, m_i, l_i, q, k_base, v_base, keys, q_pos, dims, stride_kn, stride_vn, num_keys,
+                qk_scale_log2, CAUSAL=False, BOUNDED=False, DOT_PRECISION=DOT_PRECISION,
+            )  # fmt: skip
+        if count > 0:
+            final = tl.where(diag_kept, diag, last)
+            key_end = tl.minimum(final * MASK_BLOCK + MASK_BLOCK, q_offset + row0 + BLOCK_M)
+            key_end = tl.minimum(key_end, num_keys)
+            for start in range(final * MASK_BLOCK, key_end, BLOCK_N):
+                acc, m_i, l_i = _attend(
+                    acc, m_i, l_i, q, k_base, v_base, start + offs_n, q_pos, dims, stride_kn, stride_vn,
+                    num_keys, qk_scale_log2, CAUSAL=True, BOUNDED=True, DOT_PRECISION=DOT_PRECISION,
+                )  # fmt: skip
+    else:
+        for it in range(0, count * TILES):
+            block = tl.load(order_row + it // TILES)
+            keys = block * MASK_BLOCK + (it % TILES) * BLOCK_N + offs_n
+            in_range = keys[:, None] < num_keys
+            k = tl.load(k_base + keys[:, None] * stride_kn + dims[None, :], mask=in_range, other=0.0)
+            v = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :], mask=in_range, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            if block == diag:
+                qk = tl.where(keys[None, :] <= q_pos[:, None], qk, float("-inf"))
+            m_new = tl.maximum(m_i, _row_max(qk, 1) * qk_scale_log2)
+            p = tl.exp2(qk * qk_scale_log2 - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + _row_sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
 
     out = acc / l_i[:, None]
     row_ok = rows < num_queries
@@ -669,6 +948,7 @@ def block_sparse_attention(
     tiles: tuple[int, int, int, int] | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    diag_last: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention over the index's kept blocks: (out like q, lse float32 [B, Hq, Nq]).
 
@@ -732,6 +1012,7 @@ def block_sparse_attention(
         BLOCK_N=block_n,
         HEAD_DIM=d,
         DOT_PRECISION=_dot_precision(q.dtype),
+        DIAG_LAST=diag_last,
         num_warps=warps,
         num_stages=stages,
     )

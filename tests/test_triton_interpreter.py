@@ -271,3 +271,18 @@ def test_auto_backend_on_cpu_uses_the_reference(monkeypatch):
     cfg = ProxyAttnConfig(block_size=16, min_budget_tokens=16)
     out = kernels.proxy_attention(q, k, v, cfg, backend="auto")
     assert torch.allclose(out, kernels.proxy_attention(q, k, v, cfg, backend="torch"))
+
+
+@pytest.mark.parametrize("diag_last", [True, False])
+def test_index_without_the_diagonal_block(diag_last):
+    """A hand-made index whose rows stop before their diagonal block (no built index does that):
+    no causal mask is needed then, and both loop layouts must still match the reference."""
+    b, hq, hkv, nq, d, bs, q_offset = 1, 2, 1, 80, 16, 16, 32
+    q, k, v = make_qkv(b, hq, hkv, nq, d, q_offset, seed=13)
+    index = BlockSparseIndex.dense(b, hq, 1, nq, q_offset + nq, bs, q_offset)
+    # head 0 drops its diagonal block, head 1 keeps only the first block of each row
+    index.block_counts[:, 0] -= 1
+    index.block_counts[:, 1] = 1
+    out, lse = tb.block_sparse_attention(q, k, v, index, q_offset, diag_last=diag_last)
+    ref_out, ref_lse = ref.block_sparse_attention(q, k, v, index, q_offset)
+    assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5)
