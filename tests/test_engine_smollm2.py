@@ -142,3 +142,17 @@ def test_proxy_prefill_agreement_report(
         f"mean causal sparsity {mean_sparsity:.3f}"
     )
     assert len(tokens) == NEW_TOKENS
+
+
+def test_gguf_file_loads_to_the_same_model(smollm2_engine, prompt_ids):
+    """Loading the GGUF directly (dequantised by transformers) gives the converted copy's model."""
+    from proxyprefill.workers.engine import PrefillEngine
+    from proxyprefill.workers.model import default_gguf_path
+
+    engine = PrefillEngine.from_pretrained(default_gguf_path(), attention="dense", device="cpu")
+    assert engine.model_info == smollm2_engine.model_info
+    ids = prompt_ids[:100]
+    direct = engine.prefill(ids, chunk_size=64)
+    converted = smollm2_engine.prefill(ids, chunk_size=64)
+    torch.testing.assert_close(direct.logits, converted.logits)
+    assert direct.header == converted.header

@@ -192,6 +192,16 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
+def _gguf_model_id(path: Path) -> str:
+    """The embedded GGUF keeps the default model's id (same weights, same KV); others their stem."""
+    try:
+        if path.resolve() == default_gguf_path().resolve():
+            return DEFAULT_MODEL_ID
+    except FileNotFoundError:
+        pass
+    return path.stem
+
+
 def load_model(
     path: str | os.PathLike | None,
     attn_implementation: str,
@@ -215,7 +225,7 @@ def load_model(
             directory = path
         else:
             raise FileNotFoundError(f"{path} is neither a model directory nor a .gguf file")
-        model_id = model_id or (path.stem if gguf_file else path.name)
+        model_id = model_id or (_gguf_model_id(path) if gguf_file else path.name)
 
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     config = AutoConfig.from_pretrained(str(directory), **extra)
