@@ -182,6 +182,17 @@ def test_logits_only_where_asked(llama_pair, prompt):
     assert engine.prefill(prompt, chunk_size=64, logits="none").logits is None
 
 
+def test_token_ids_as_list_tuple_numpy_or_tensor(llama_pair, prompt):
+    import numpy as np
+
+    engine, _ = llama_pair
+    expected = engine.prefill(prompt, chunk_size=64).logits
+    for ids in (prompt.tolist(), tuple(prompt.tolist()), prompt.numpy(), list(prompt.numpy()), prompt[None]):
+        torch.testing.assert_close(engine.prefill(ids, chunk_size=64).logits, expected)
+    with pytest.raises(PrefillError, match="is not an integer"):
+        engine.prefill([1, np.float32(2.0)], chunk_size=64)
+
+
 def test_progress_and_cancellation(llama_pair, prompt):
     engine, _ = llama_pair
     calls = []

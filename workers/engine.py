@@ -18,6 +18,7 @@ Input is validated before any compute (PrefillError, a ValueError, whose message
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -182,10 +183,18 @@ class PrefillEngine:
         else:
             if isinstance(token_ids, str | bytes):
                 raise PrefillError("token_ids must be a sequence of integers, not text; tokenize first")
-            values = list(token_ids)
-            for position, value in enumerate(values):
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise PrefillError(f"token id {value!r} at position {position} is not an integer")
+            if hasattr(token_ids, "__array__") and not isinstance(token_ids, list | tuple):
+                return self._token_tensor(torch.as_tensor(token_ids))  # numpy arrays
+            values = []
+            for position, value in enumerate(token_ids):
+                try:
+                    if isinstance(value, bool):
+                        raise TypeError
+                    values.append(operator.index(value))  # int and numpy integers, not floats
+                except TypeError:
+                    raise PrefillError(
+                        f"token id {value!r} at position {position} is not an integer"
+                    ) from None
             ids = torch.tensor(values, dtype=torch.int64)
         if ids.numel() == 0:
             raise PrefillError("token_ids is empty")
