@@ -160,6 +160,35 @@ def test_kv_left_on_stages_is_gathered_in_layer_order_then_released(sparse_pipel
     assert sparse_pipeline.held_bytes() == [0, 0, 0]
 
 
+def test_fetch_streams_the_kv_in_layer_order_like_a_pool_worker(sparse_pipeline, engine, tokens):
+    result = sparse_pipeline.prefill(tokens, CHUNK, logits="none", gather=False)
+    rid = result.extra["request_id"]
+    pieces = list(sparse_pipeline.fetch(rid, max_chunk_bytes=4096, include_token_ids=True))
+    ids = b"".join(p["data"] for p in pieces if p["kind"] == "tokens")
+    assert torch.equal(torch.frombuffer(bytearray(ids), dtype=torch.int64), tokens)
+    kv = [p for p in pieces if p["kind"] == "kv"]
+    assert [p["layer"] for p in kv] == sorted(p["layer"] for p in kv)  # layer order across stages
+    assert all(len(p["keys"]) + len(p["values"]) <= 4096 for p in kv)
+    expected = engine.prefill(tokens, CHUNK, logits="none")
+    for layer in range(NUM_LAYERS):
+        parts = [p for p in kv if p["layer"] == layer]
+        assert [(p["start"], p["end"]) for p in parts][0][0] == 0 and parts[-1]["end"] == PROMPT
+        keys = torch.cat(
+            [torch.frombuffer(bytearray(p["keys"]), dtype=torch.float32).view(p["shape"]) for p in parts], 1
+        )
+        values = torch.cat(
+            [torch.frombuffer(bytearray(p["values"]), dtype=torch.float32).view(p["shape"]) for p in parts], 1
+        )
+        assert relative_error(keys, expected.keys[layer]) <= 1e-5
+        assert relative_error(values, expected.values[layer]) <= 1e-5
+    # a layer range spanning two stages
+    middle = [p for p in sparse_pipeline.fetch(rid, 1 << 20, layer_start=1, layer_end=3) if p["kind"] == "kv"]
+    assert sorted({p["layer"] for p in middle}) == [1, 2]
+    sparse_pipeline.release(rid)
+    assert list(sparse_pipeline.fetch(rid)) == [{"kind": "missing"}]
+    assert sparse_pipeline.held_bytes() == [0, 0, 0]
+
+
 def test_logit_positions_keep_the_callers_order(dense_pipeline, engine, tokens):
     positions = [PROMPT - 1, 64, 0, 63, 70]
     result = dense_pipeline.prefill(tokens, CHUNK, logits=positions)

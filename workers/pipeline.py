@@ -301,6 +301,39 @@ class PipelineStage:
         keys, values = self._cache(request_id).layer_kv(layer - self.spec.layer_start)
         return keys.cpu(), values.cpu()
 
+    def fetch(
+        self, request_id: str, max_chunk_bytes: int, layer_start: int = 0, layer_end: int | None = None
+    ):
+        """The FetchKV pieces of this stage's layers within [layer_start, layer_end), in the pool
+        workers' format (ray_pool.PrefillWorker.fetch: raw little-endian bytes of keys and values
+        of one layer and one token range, at most `max_chunk_bytes`, global layer numbers); a Ray
+        streaming generator. First item {"kind": "missing"} when the request's KV is not here."""
+        from .ray_pool import tensor_bytes
+
+        cache = self.caches.get(request_id)
+        if cache is None:
+            yield {"kind": "missing"}
+            return
+        layer_end = self.spec.layer_stop if layer_end is None else layer_end
+        for layer in range(max(layer_start, self.spec.layer_start), min(layer_end, self.spec.layer_stop)):
+            keys, values = cache.layer_kv(layer - self.spec.layer_start)
+            heads, num_tokens, head_dim = keys.shape
+            step = max(1, max_chunk_bytes // (2 * heads * head_dim * keys.element_size()))
+            for start in range(0, num_tokens, step):
+                end = min(num_tokens, start + step)
+                dtype, key_bytes = tensor_bytes(keys[:, start:end])
+                _, value_bytes = tensor_bytes(values[:, start:end])
+                yield {
+                    "kind": "kv",
+                    "layer": layer,
+                    "start": start,
+                    "end": end,
+                    "dtype": dtype,
+                    "shape": [heads, end - start, head_dim],
+                    "keys": key_bytes,
+                    "values": value_bytes,
+                }
+
 
 def _cache_bytes(cache: PreallocatedKVCache) -> int:
     return sum(layer.key_buffer.numel() * layer.key_buffer.element_size() * 2 for layer in cache.layers)
@@ -451,6 +484,7 @@ class ShardedPrefill:
         ]
         self.stages = [actor_class.remote(spec, s, len(ranges)) for s, spec in enumerate(self.specs)]
         self._info: ModelInfo | None = None
+        self._kept: dict[str, torch.Tensor] = {}  # token ids of requests whose KV stays on the stages
 
     @property
     def num_stages(self) -> int:
@@ -585,6 +619,8 @@ class ShardedPrefill:
                     keys.append(k)
                     values.append(v)
                 self.release(rid)
+            else:
+                self._kept[rid] = tokens
         except BaseException:
             # a failure, the deadline or an interrupt: nothing of this request may stay behind
             self.release(rid)
@@ -660,8 +696,52 @@ class ShardedPrefill:
                 k, v = self._get(stage.kv.remote(request_id, layer), deadline)
                 yield layer, k, v
 
+    def fetch(
+        self,
+        request_id: str,
+        max_chunk_bytes: int = 4 << 20,
+        layer_start: int = 0,
+        layer_end: int | None = None,
+        include_token_ids: bool = False,
+        timeout_s: float = 600.0,
+    ) -> Iterator[dict]:
+        """FetchKV for a request left on the stages (gather=False): the same items as a pool
+        worker's `fetch` (token-id pieces first when asked, then "kv" pieces), gathered from the
+        stages in layer order. {"kind": "missing"} when the request is unknown or a stage lost it
+        (a restart); a stage dying mid-stream raises StageUnavailableError."""
+        tokens = self._kept.get(request_id)
+        if tokens is None:
+            yield {"kind": "missing"}
+            return
+        deadline = time.monotonic() + timeout_s
+        if include_token_ids:
+            ids = tokens.numpy().astype("<i8", copy=False)
+            per_piece = max(1, max_chunk_bytes // 8)
+            for start in range(0, ids.shape[0], per_piece):
+                end = min(ids.shape[0], start + per_piece)
+                yield {"kind": "tokens", "start": start, "end": end, "data": ids[start:end].tobytes()}
+        layer_end = self.layer_ranges[-1][1] if layer_end is None else layer_end
+        for stage, (start, stop) in zip(self.stages, self.layer_ranges):
+            if stop <= layer_start or start >= layer_end:
+                continue
+            pieces = stage.fetch.options(num_returns="streaming").remote(
+                request_id, max_chunk_bytes, layer_start, layer_end
+            )
+            while True:
+                try:
+                    ref = next(pieces)
+                except StopIteration:
+                    break
+                except ray.exceptions.RayError as exc:  # the stage died between two pieces
+                    raise StageUnavailableError(f"pipeline stage died while streaming KV: {exc}") from exc
+                item = self._get(ref, deadline)
+                yield item
+                if item["kind"] == "missing":
+                    return
+
     def release(self, request_id: str, timeout_s: float = 30.0) -> int:
         """Free the request's KV on every reachable stage (dead stages hold nothing); returns bytes freed."""
+        self._kept.pop(request_id, None)
         refs = [stage.release.remote(request_id) for stage in self.stages]
         freed = 0
         for ref in refs:
