@@ -306,7 +306,12 @@ class WorkerPool:
             owns_ray = True
         gpus = int(ray.cluster_resources().get("GPU", 0))
         count = num_workers or max(1, gpus)
-        per_actor = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
+        if gpus:
+            per_actor = {"num_gpus": 1, "num_cpus": 1}
+        else:
+            # CPU workers share the cores; Ray sets each actor's OMP/torch threads to its num_cpus
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            per_actor = {"num_cpus": max(1, cpus // count)}
         actor_class = ray.remote(PrefillWorker).options(
             max_concurrency=max_concurrency, max_restarts=3, max_task_retries=0, **per_actor
         )

@@ -1,0 +1,270 @@
+"""The `proxyprefill` command.
+
+    proxyprefill serve [--listen HOST:PORT] [--ray-address ADDR] [--model PATH] ...  # any ServerConfig field
+    proxyprefill prefill --server HOST:PORT --file doc.txt [--return kv|logits|none] [--out kv.safetensors]
+    proxyprefill decode --server HOST:PORT --handle HEX [--max-new-tokens 32]
+    proxyprefill info --server HOST:PORT
+    proxyprefill demo        # the service in-process on the default model: prefill a document, fetch, decode
+
+Client commands read a bearer token from --token or PROXYPREFILL_TOKEN, and a CA certificate for
+TLS from --tls-ca.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _client(args):
+    from proxyprefill.service.client import PrefillClient
+
+    token = args.token or os.environ.get("PROXYPREFILL_TOKEN")
+    ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    return PrefillClient(args.server, token=token, root_certificates=ca)
+
+
+def _add_client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the prefill service")
+    parser.add_argument("--token", help="bearer token (default: $PROXYPREFILL_TOKEN)")
+    parser.add_argument("--tls-ca", help="PEM CA certificate: connect with TLS")
+    parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+
+
+# serve ---------------------------------------------------------------------------------------
+def cmd_serve(args) -> int:
+    from proxyprefill.service import config as config_mod
+    from proxyprefill.service.server import serve
+
+    config = config_mod.load(args)
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(serve(config))
+    return 0
+
+
+# prefill -------------------------------------------------------------------------------------
+def _progress_printer(total_hint: int | None = None):
+    """An on_event callback drawing a tqdm progress bar from Progress events."""
+    from tqdm import tqdm
+
+    state = {"bar": None, "done": 0}
+
+    def on_event(event) -> None:
+        which = event.WhichOneof("event")
+        if which == "accepted":
+            a = event.accepted
+            print(f"accepted: {a.request_id}, {a.num_tokens} tokens, {a.worker}, position {a.queue_position}")
+            state["bar"] = tqdm(total=a.num_tokens, unit="tok", desc="prefill", file=sys.stderr)
+        elif which == "progress" and state["bar"] is not None:
+            state["bar"].update(event.progress.tokens_done - state["done"])
+            state["done"] = event.progress.tokens_done
+        elif which == "summary" and state["bar"] is not None:
+            state["bar"].close()
+
+    return on_event
+
+
+def print_summary(summary) -> None:
+    t = summary.timings
+    print(
+        f"summary: {summary.num_tokens} tokens, {summary.attention_mode} attention, "
+        f"sparsity {summary.sparsity:.3f} of causal blocks skipped, "
+        f"{summary.tokens_per_second:.0f} tokens/s on the worker"
+    )
+    print(
+        f"timings: queue {t.queue_seconds:.3f} s, prefill {t.prefill_seconds:.3f} s "
+        f"(estimate {t.estimate_seconds:.3f} s, attention {t.attention_seconds:.3f} s), "
+        f"total {t.total_seconds:.3f} s"
+    )
+    if summary.layer_sparsity:
+        layers = " ".join(f"{s:.2f}" for s in summary.layer_sparsity)
+        print(f"sparsity per layer: {layers}")
+
+
+def cmd_prefill(args) -> int:
+    text = Path(args.file).read_text() if args.file else args.text
+    if not text:
+        print("give --file or --text", file=sys.stderr)
+        return 2
+    kv = "handle" if args.return_ == "kv" else "none"
+    logits = "last" if args.return_ == "logits" else "none"
+    with _client(args) as client:
+        outcome = client.prefill(
+            text=text,
+            kv=kv,
+            logits=logits,
+            chunk_size=args.chunk_size,
+            attention=args.attention,
+            lease_seconds=args.lease_seconds,
+            timeout=args.timeout,
+            on_event=_progress_printer(),
+        )
+        print_summary(outcome.summary)
+        if outcome.logits is not None:
+            top = outcome.logits[0].topk(5)
+            values = [round(v, 3) for v in top.values.tolist()]
+            print(f"last-position logits: top ids {top.indices.tolist()} values {values}")
+        if outcome.handle is not None:
+            h = outcome.handle
+            expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(h.expires_at_unix_ms / 1000))
+            print(
+                f"kv handle: {h.handle} ({h.kv_bytes / 2**20:.1f} MiB on {h.worker}, lease until {expires})"
+            )
+            if args.out:
+                started = time.perf_counter()
+                transfer = client.fetch_kv(h.handle, include_token_ids=True, timeout=args.timeout)
+                seconds = time.perf_counter() - started
+                transfer.save(args.out)
+                client.release(h.handle)
+                print(
+                    f"wrote {args.out}: {len(transfer.keys)} layers, "
+                    f"{transfer.bytes_received / 2**20:.1f} MiB "
+                    f"fetched in {seconds:.2f} s; handle released"
+                )
+    return 0
+
+
+# decode / info -------------------------------------------------------------------------------
+def cmd_decode(args) -> int:
+    from proxyprefill.service.decode import decode_handle, load_decoder
+
+    model, tokenizer = load_decoder(args.model)
+    with _client(args) as client:
+        tokens, text = decode_handle(
+            client, args.handle, model, tokenizer, max_new_tokens=args.max_new_tokens
+        )
+    print(f"{len(tokens)} new tokens: {tokens}")
+    print(text)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    with _client(args) as client:
+        info = client.model_info(timeout=args.timeout)
+        print(json.dumps(MessageToDict(info), indent=2))
+        print(f"health: {client.health()}")
+    return 0
+
+
+# demo ----------------------------------------------------------------------------------------
+def demo_document() -> tuple[str, str]:
+    """(text, where it came from): Python's own LICENSE.txt (~3.8k SmolLM2 tokens), which every
+    CPython installation ships; the source of the argparse module where it is missing."""
+    license_path = Path(os.__file__).parent / "LICENSE.txt"
+    if license_path.is_file():
+        return license_path.read_text(), str(license_path)
+    import argparse as module
+
+    return Path(module.__file__).read_text()[:16000], f"{module.__file__} (first 16000 characters)"
+
+
+def cmd_demo(args) -> int:
+    from proxyprefill.service import config as config_mod
+    from proxyprefill.service.client import PrefillClient
+    from proxyprefill.service.decode import greedy_continue, load_decoder
+    from proxyprefill.service.local import LocalService
+
+    logging.basicConfig(level=logging.WARNING)
+    # SmolLM2 is a fair judge up to ~4k tokens; a 256-token minimum budget lets ProxyAttn skip blocks
+    # at that length (the 2048-token default would keep most rows dense).
+    config = config_mod.load(
+        environ={},
+        listen="127.0.0.1:0",
+        min_budget_tokens=args.min_budget_tokens,
+        min_budget_tokens_floor=min(128, args.min_budget_tokens),
+    )
+    text, source = demo_document()
+    print(f"document: {source} ({len(text)} characters)")
+    started = time.perf_counter()
+    with LocalService(config) as service:
+        print(f"service: {service.target}, Ray in-process, started in {time.perf_counter() - started:.1f} s")
+        with PrefillClient(service.target) as client:
+            info = client.model_info()
+            print(
+                f"model: {info.model_id} ({info.architecture}, {info.num_layers} layers, "
+                f"{info.num_heads}/{info.num_kv_heads} heads, {info.dtype}), {info.num_workers} worker(s)"
+            )
+            events = {"progress": 0}
+            bar = _progress_printer()
+
+            def on_event(event) -> None:
+                which = event.WhichOneof("event")
+                events[which] = events.get(which, 0) + 1
+                bar(event)
+
+            outcome = client.prefill(
+                text=text, kv="handle", logits="last", chunk_size=args.chunk_size, on_event=on_event
+            )
+            print(f"events: {events}")
+            print_summary(outcome.summary)
+            h = outcome.handle
+            print(f"kv handle: {h.handle[:8]}... ({h.kv_bytes / 2**20:.1f} MiB, header {h.header.model_id})")
+            fetch_started = time.perf_counter()
+            transfer = client.fetch_kv(h.handle, include_token_ids=True)
+            seconds = time.perf_counter() - fetch_started
+            print(
+                f"FetchKV: {transfer.bytes_received / 2**20:.1f} MiB in {seconds:.2f} s "
+                f"({transfer.bytes_received / seconds / 1e9:.2f} GB/s on loopback)"
+            )
+            model, tokenizer = load_decoder(None)
+            new_tokens = greedy_continue(model, transfer, max_new_tokens=args.max_new_tokens)
+            print(f"decoded continuation ({len(new_tokens)} tokens): {tokenizer.decode(new_tokens)!r}")
+            client.release(h.handle)
+    print(f"shut down cleanly after {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="proxyprefill", description="Long-context prefill service (ProxyAttn)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gRPC service (local Ray unless --ray-address)")
+    from proxyprefill.service.config import add_flags
+
+    add_flags(serve)
+    serve.set_defaults(run=cmd_serve)
+
+    prefill = commands.add_parser("prefill", help="send a document to a running service")
+    _add_client_flags(prefill)
+    prefill.add_argument("--file", help="text file to prefill")
+    prefill.add_argument("--text", help="text to prefill (instead of --file)")
+    prefill.add_argument("--return", dest="return_", choices=["kv", "logits", "none"], default="kv")
+    prefill.add_argument("--out", help="with --return kv: fetch the KV and write it as safetensors")
+    prefill.add_argument("--chunk-size", type=int, default=0)
+    prefill.add_argument("--attention", choices=["proxy", "dense"], default=None)
+    prefill.add_argument("--lease-seconds", type=int, default=0)
+    prefill.set_defaults(run=cmd_prefill)
+
+    decode = commands.add_parser("decode", help="pull a handle's KV and continue the text greedily")
+    _add_client_flags(decode)
+    decode.add_argument("--handle", required=True)
+    decode.add_argument("--max-new-tokens", type=int, default=32)
+    decode.add_argument("--model", default=None, help="the model (default: the embedded SmolLM2)")
+    decode.set_defaults(run=cmd_decode)
+
+    info = commands.add_parser("info", help="model, limits and health of a running service")
+    _add_client_flags(info)
+    info.set_defaults(run=cmd_info)
+
+    demo = commands.add_parser("demo", help="start the service in-process and prefill a long document")
+    demo.add_argument("--chunk-size", type=int, default=1024)
+    demo.add_argument("--min-budget-tokens", type=int, default=256)
+    demo.add_argument("--max-new-tokens", type=int, default=24)
+    demo.set_defaults(run=cmd_demo)
+
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
