@@ -851,11 +851,12 @@ def _sparse_attention_fwd(
 
     Only the diagonal key block needs the causal mask (every other kept block precedes every
     query of the row), and only the last key block can be ragged (it is the last row's
-    diagonal). DIAG_LAST: the main loop covers the first count-1 entries with the diagonal, if
-    met, swapped for the last entry, using unmasked loads and no causal test; the diagonal (or,
-    for an index that lacks it, the last entry) follows alone with both masks. Otherwise every
-    tile is loaded bounds-checked and tested for the diagonal (the first version, kept for
-    comparison)."""
+    diagonal). Default loop (DIAG_LAST false): every tile is loaded bounds-checked and the
+    causal mask is applied, under a uniform branch, only when the tile's block is the diagonal.
+    DIAG_LAST: the main loop covers the first count-1 entries with the diagonal, if met, swapped
+    for the last entry, with unmasked loads and no branch; the diagonal (or, for an index that
+    lacks it, the last entry) follows alone with both masks. It measured 20-25% slower on an
+    H100 (bench/NOTES-kernels.md) and is kept only as an option for comparison."""
     TILES: tl.constexpr = MASK_BLOCK // BLOCK_N
     bh = tl.program_id(0)
     # longest rows first: better tail balance
@@ -948,7 +949,7 @@ def block_sparse_attention(
     tiles: tuple[int, int, int, int] | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
-    diag_last: bool = True,
+    diag_last: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention over the index's kept blocks: (out like q, lse float32 [B, Hq, Nq]).
 
