@@ -320,6 +320,32 @@ def test_dense_causal_attention_matches_reference(q_offset, nq):
     torch.testing.assert_close(dense_causal_attention(q, k, v, q_offset), brute, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("q_offset, nq, hq, hkv", [(0, 48, 6, 2), (64, 48, 6, 2), (100, 7, 4, 4)])
+def test_cuda_split_merge_logic_on_cpu(monkeypatch, q_offset, nq, hq, hkv):
+    """The CUDA dense path (prefix with stacked query heads + own square, merged by LSE) checked on
+    the CPU by standing in an exact float64 (out, lse) attention for the cuDNN op."""
+    import proxyprefill.workers.attention as attention_mod
+
+    def exact_lse_attention(q, k, v, causal, scale):
+        logits = (q.double() @ k.double().transpose(-1, -2)) * scale
+        if causal:
+            n = q.shape[2]
+            logits = logits.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1)
+        return (torch.exp(logits - lse[..., None]) @ v.double()).to(q.dtype), lse.float()
+
+    monkeypatch.setattr(attention_mod, "_lse_attention_cuda", exact_lse_attention)
+    torch.manual_seed(q_offset + nq)
+    q = torch.randn(1, hq, nq, 8)
+    k, v = torch.randn(1, hkv, q_offset + nq, 8), torch.randn(1, hkv, q_offset + nq, 8)
+    out = attention_mod._dense_cuda(q, k, v, q_offset, 8**-0.5)
+    rep = hq // hkv
+    logits = q @ k.repeat_interleave(rep, 1).transpose(-1, -2) * 8**-0.5
+    visible = torch.arange(q_offset + nq)[None, :] <= (q_offset + torch.arange(nq))[:, None]
+    brute = torch.softmax(logits.masked_fill(~visible, float("-inf")), -1) @ v.repeat_interleave(rep, 1)
+    torch.testing.assert_close(out, brute, atol=1e-5, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # Loading from a directory, model info, header
 # --------------------------------------------------------------------------------------------
