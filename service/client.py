@@ -40,6 +40,13 @@ def tensor_from_bytes(data: bytes, dtype: str, shape: Iterable[int]):
     return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
 
 
+def _numpy_view(tensor) -> np.ndarray:
+    """A writable numpy view of a CPU tensor (bfloat16 seen as int16, the same bits)."""
+    import torch
+
+    return (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
 def header_dict(header: pb.KVHeader) -> dict:
     """The proto header as the engine's KVHeader fields (plus last_token_id)."""
     return {
@@ -120,8 +127,14 @@ class KVAssembler:
             self.keys[layer] = torch.empty(self._shape, dtype=self._dtype)
             self.values[layer] = torch.empty(self._shape, dtype=self._dtype)
         span = slice(chunk.token_start, chunk.token_end)
-        self.keys[layer][:, span] = tensor_from_bytes(chunk.keys, chunk.dtype, chunk.shape)
-        self.values[layer][:, span] = tensor_from_bytes(chunk.values, chunk.dtype, chunk.shape)
+        if chunk.dtype != self.header.dtype:
+            raise ValueError(f"KV chunk dtype {chunk.dtype} differs from the header's {self.header.dtype}")
+        shape = tuple(chunk.shape)
+        for target, data in ((self.keys[layer], chunk.keys), (self.values[layer], chunk.values)):
+            # one copy: from the message's bytes straight into the preallocated tensor
+            _numpy_view(target)[:, span] = np.frombuffer(data, dtype=_NUMPY_DTYPES[chunk.dtype]).reshape(
+                shape
+            )
         self.bytes_received += len(chunk.keys) + len(chunk.values)
 
     def result(self) -> KVTransfer:

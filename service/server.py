@@ -78,9 +78,59 @@ def kv_chunk_message(item: dict) -> pb.KVChunk:
         token_end=item["end"],
         dtype=item["dtype"],
         shape=item["shape"],
-        keys=item["keys"],
-        values=item["values"],
+        keys=item["keys"].tobytes(),
+        values=item["values"].tobytes(),
     )
+
+
+# KVChunk field tags (field number << 3 | wire type 2, length-delimited)
+_KEYS_TAG, _VALUES_TAG, _TOKEN_IDS_TAG = bytes([7 << 3 | 2]), bytes([8 << 3 | 2]), bytes([9 << 3 | 2])
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def encode_kv_chunk(item: dict, header: pb.KVHeader | None = None) -> bytes:
+    """A serialised KVChunk built with one copy of the tensor data.
+
+    Building a KVChunk message and serialising it would copy every piece twice more; instead the
+    small fields are serialised by protobuf and the bulk fields appended in wire format (a
+    message is the concatenation of its fields, in any order), straight from the arrays that
+    Ray handed over. FetchKV's response serializer passes these bytes through unchanged."""
+    if item["kind"] == "tokens":
+        meta = pb.KVChunk(token_start=item["start"], token_end=item["end"], dtype="int64")
+        bulk = [(_TOKEN_IDS_TAG, memoryview(item["data"]))]
+    else:
+        meta = pb.KVChunk(
+            layer=item["layer"],
+            token_start=item["start"],
+            token_end=item["end"],
+            dtype=item["dtype"],
+            shape=item["shape"],
+        )
+        bulk = [
+            (_KEYS_TAG, memoryview(item["keys"]).cast("B")),
+            (_VALUES_TAG, memoryview(item["values"]).cast("B")),
+        ]
+    if header is not None:
+        meta.header.CopyFrom(header)
+    parts = [meta.SerializeToString()]
+    for tag, data in bulk:
+        parts += [tag, _varint(data.nbytes), data]
+    return b"".join(parts)
+
+
+def _pass_through(message) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 class _WorkerGone(Exception):
@@ -116,7 +166,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
         )
-        pb_grpc.add_PrefillServiceServicer_to_server(self, server)
+        server.add_generic_rpc_handlers((self._method_handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [
@@ -145,6 +195,28 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             len(self.pool.actors),
         )
         return self.port
+
+    def _method_handlers(self) -> grpc.GenericRpcHandler:
+        """The service's handlers, as the generated registration makes them, except that FetchKV
+        sends pre-serialised chunks (encode_kv_chunk)."""
+        handlers = {
+            "Prefill": grpc.unary_stream_rpc_method_handler(
+                self.Prefill, pb.PrefillRequest.FromString, pb.PrefillEvent.SerializeToString
+            ),
+            "FetchKV": grpc.unary_stream_rpc_method_handler(
+                self.FetchKV, pb.FetchKVRequest.FromString, _pass_through
+            ),
+            "RenewLease": grpc.unary_unary_rpc_method_handler(
+                self.RenewLease, pb.RenewLeaseRequest.FromString, pb.LeaseInfo.SerializeToString
+            ),
+            "ReleaseKV": grpc.unary_unary_rpc_method_handler(
+                self.ReleaseKV, pb.ReleaseKVRequest.FromString, pb.ReleaseKVResponse.SerializeToString
+            ),
+            "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+                self.GetModelInfo, pb.GetModelInfoRequest.FromString, pb.ModelInfo.SerializeToString
+            ),
+        }
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
     async def drain(self, grace: float | None = None) -> None:
         """Graceful stop: health NOT_SERVING, refuse new prefills, let in-flight RPCs finish
@@ -476,17 +548,13 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             await self._abort(context, "FetchKV", error.code, error.message)
             return
         header = kv_header_message(lease.header, lease.last_token_id)
-        first = True
+        worker = self._worker_index(lease.worker)
         try:
-            async for item in self._worker_kv(
-                self._worker_index(lease.worker), lease.handle, max_chunk, request=request
-            ):
-                chunk = kv_chunk_message(item)
-                if first:
-                    chunk.header.CopyFrom(header)
-                    first = False
-                self.metrics.kv_bytes_sent.inc(len(chunk.keys) + len(chunk.values))
-                yield chunk
+            async for item in self._worker_kv(worker, lease.handle, max_chunk, request=request):
+                yield encode_kv_chunk(item, header)
+                header = None
+                if item["kind"] == "kv":
+                    self.metrics.kv_bytes_sent.inc(item["keys"].nbytes + item["values"].nbytes)
         except _REQUEST_ERRORS as error:
             await self._abort(context, "FetchKV", error.code, error.message)
             return

@@ -42,19 +42,20 @@ class StoredKV:
     nbytes: int
 
 
-def tensor_bytes(tensor) -> tuple[str, bytes]:
-    """(dtype name, raw little-endian bytes) of a CPU-or-GPU tensor; bfloat16 goes through int16,
-    which numpy can hold, with the same bits."""
+def tensor_array(tensor) -> tuple[str, np.ndarray]:
+    """(dtype name, C-contiguous little-endian numpy array) of a CPU-or-GPU tensor, with one copy
+    at most. bfloat16 goes through int16, which numpy can hold, with the same bits. Ray moves
+    numpy arrays out of band (no pickling of the data), and the server reads them in place."""
     import torch
 
-    tensor = tensor.detach().to("cpu").contiguous()
+    tensor = tensor.detach()
     name = str(tensor.dtype).removeprefix("torch.")
     if tensor.dtype == torch.bfloat16:
         tensor = tensor.view(torch.int16)
-    array = tensor.numpy()
+    array = np.ascontiguousarray(tensor.to("cpu").numpy())
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-    return name, array.tobytes()
+    return name, array
 
 
 class PrefillWorker:
@@ -79,9 +80,14 @@ class PrefillWorker:
 
     # description -----------------------------------------------------------------------------
     def describe(self) -> dict:
+        import torch
+
         info = self.engine.model_info.to_dict()
         info.update(
-            worker=self.name, device=str(self.engine.device), has_tokenizer=self.engine.tokenizer is not None
+            worker=self.name,
+            device=str(self.engine.device),
+            has_tokenizer=self.engine.tokenizer is not None,
+            torch_threads=torch.get_num_threads(),
         )
         return info
 
@@ -208,8 +214,9 @@ class PrefillWorker:
         layer_end: int | None = None,
         include_token_ids: bool = False,
     ):
-        """Streaming generator of KV pieces; the first item is {"kind": "missing"} when the
-        handle is not here (released, or the worker restarted)."""
+        """Streaming generator of KV pieces (keys/values as numpy arrays, token ids as bytes); the
+        first item is {"kind": "missing"} when the handle is not here (released, or the worker
+        restarted)."""
         with self._lock:
             stored = self._kv.get(handle)
         if stored is None:
@@ -229,8 +236,8 @@ class PrefillWorker:
             step = max(1, max_chunk_bytes // per_token)
             for start in range(0, num_tokens, step):
                 end = min(num_tokens, start + step)
-                dtype, key_bytes = tensor_bytes(keys[:, start:end])
-                _, value_bytes = tensor_bytes(values[:, start:end])
+                dtype, key_array = tensor_array(keys[:, start:end])
+                _, value_array = tensor_array(values[:, start:end])
                 yield {
                     "kind": "kv",
                     "layer": layer,
@@ -238,8 +245,8 @@ class PrefillWorker:
                     "end": end,
                     "dtype": dtype,
                     "shape": [heads, end - start, head_dim],
-                    "keys": key_bytes,
-                    "values": value_bytes,
+                    "keys": key_array,
+                    "values": value_array,
                 }
 
     def release(self, handle: str) -> int:
