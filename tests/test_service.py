@@ -452,3 +452,26 @@ def test_fuzzed_requests_never_crash_hang_or_leak(service, client, pool):
         client.release(handle)
     assert_healthy_and_clean(service, client, pool)
     assert np.isfinite(service.server.admission.pending_tokens)
+
+
+def test_cli_prefill_to_safetensors_info_and_decode(service, client, pool, tokenizer, tmp_path, capsys):
+    from proxyprefill.cli import main
+    from proxyprefill.workers.kv_files import load_kv
+
+    document, out = tmp_path / "doc.txt", tmp_path / "kv.safetensors"
+    document.write_text(TEXT * 2)
+    assert main(["prefill", "--server", service.target, "--file", str(document), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "summary:" in printed and "handle released" in printed
+    ids = tokenizer(TEXT * 2, add_special_tokens=False)["input_ids"]
+    data = load_kv(out)
+    assert data.token_ids.tolist() == ids and len(data.keys) == 30 and data.keys[0].shape == (3, len(ids), 64)
+
+    assert main(["info", "--server", service.target]) == 0
+    assert '"numLayers": 30' in capsys.readouterr().out
+
+    handle = client.prefill(token_ids=ids, chunk_size=128).handle.handle
+    assert main(["decode", "--server", service.target, "--handle", handle, "--max-new-tokens", "4"]) == 0
+    assert "new tokens" in capsys.readouterr().out
+    client.release(handle)
+    assert_healthy_and_clean(service, client, pool)
