@@ -6,10 +6,11 @@ measures, in one run, beside dense attention:
 - NLL / perplexity on long natural texts (bench/corpus.py), the change against dense, and how
   often the sparse model's top-1 next token equals the dense model's;
 - RULER-style retrieval (bench/ruler.py: single needle, multi-key, multi-value, variable
-  tracking), scored by teacher forcing: prompt + answer are prefilled once with logits over the
-  answer positions; a sample is an exact match when the argmax at every answer position is the
-  answer's next token (the condition for greedy decoding to emit the answer); the share of
-  correct answer tokens is reported too;
+  tracking), scored as serving would answer: the prompt is prefilled with the variant (its last
+  logits give the first answer token), then the answer is decoded teacher-forced with dense
+  attention over the prefilled KV cache (`answer_predictions`); a sample is an exact match when
+  the argmax at every answer position is the answer's next token (the condition for greedy
+  decoding to emit the answer); first-token and per-token accuracy are reported too;
 - attention-mass recall per layer: for sampled query blocks of every chunk (the chunk's last
   block and a few seeded random ones), the dense softmax probability mass of each query row that
   falls inside the key blocks the variant kept, averaged over rows and heads;
@@ -302,24 +303,16 @@ def run_variant(engine, variant: Variant, workload: Workload, chunk_size: int, d
     samples = []
     for item in workload.retrieval:
         prompt, answer = item["prompt_ids"], item["answer_ids"]
-        ids = prompt + answer
-        result = engine.prefill(
-            ids,
-            chunk_size=chunk_size,
-            logits=range(len(prompt) - 1, len(ids) - 1),
-            config=variant.config,
-            attention=variant.attention,
-            attention_observer=probe,
-        )
-        predicted = result.logits.argmax(dim=-1).tolist()
+        predicted = answer_predictions(engine, prompt, answer, variant, chunk_size, probe)
         correct = [p == a for p, a in zip(predicted, answer)]
         samples.append(
             {
                 "task": item["task"],
                 "length": item["length"],
                 "seed": item["seed"],
-                "tokens": len(ids),
+                "tokens": len(prompt) + len(answer),
                 "exact": all(correct),
+                "first_token": correct[0],
                 "token_accuracy": sum(correct) / len(correct),
             }
         )
@@ -337,8 +330,39 @@ def run_variant(engine, variant: Variant, workload: Workload, chunk_size: int, d
     }
 
 
+@torch.no_grad()
+def answer_predictions(engine, prompt: list[int], answer: list[int], variant: Variant, chunk_size, probe):
+    """Greedy predictions at every answer position, as serving would produce them.
+
+    The prompt alone goes through the variant's prefill; its last logits predict the first answer
+    token. The answer (teacher-forced) is then decoded with dense attention over the prefilled KV
+    cache, like the decode service, in one forward: position i predicts answer token i + 1. The
+    answer is an exact match iff greedy decoding after this prefill would emit it.
+    """
+    result = engine.prefill(
+        prompt,
+        chunk_size=chunk_size,
+        logits="last",
+        config=variant.config,
+        attention=variant.attention,
+        attention_observer=probe,
+    )
+    predicted = [int(result.logits[-1].argmax())]
+    if len(answer) > 1:
+        positions = torch.arange(len(prompt), len(prompt) + len(answer) - 1)[None]
+        decoded = engine.model(
+            input_ids=torch.tensor([answer[:-1]], device=engine.device),
+            position_ids=positions.to(engine.device),
+            past_key_values=result.to_hf_cache(),
+            use_cache=True,
+        ).logits[0]
+        predicted += decoded.argmax(dim=-1).tolist()
+    return predicted
+
+
 def summarise_retrieval(samples: list[dict]) -> dict:
-    """Exact-match rate and mean token accuracy per (task, length), per task, and overall."""
+    """Exact-match rate, first-token accuracy (the token the prefill itself predicts) and mean
+    token accuracy per (task, length), per task, and overall."""
     groups: dict[str, list[dict]] = {}
     for s in samples:
         groups.setdefault(f"{s['task']}@{s['length']}", []).append(s)
@@ -348,6 +372,7 @@ def summarise_retrieval(samples: list[dict]) -> dict:
         key: {
             "n": len(items),
             "exact": sum(i["exact"] for i in items) / len(items),
+            "first_token": sum(i["first_token"] for i in items) / len(items),
             "token_accuracy": sum(i["token_accuracy"] for i in items) / len(items),
         }
         for key, items in groups.items()
@@ -455,12 +480,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--out", type=Path, default=None, help="JSON path (default bench/results/accuracy-<date>.json)"
     )
+    p.add_argument("--summarize", type=Path, default=None, help="print the table of a results JSON and exit")
     return p.parse_args(argv)
 
 
 def main(argv=None, engine=None, encode: Callable[[str], list[int]] | None = None) -> dict:
     """Run the sweep; `engine` and `encode` may be passed in (tests use a tiny random model)."""
     args = parse_args(argv)
+    if args.summarize:
+        report = json.loads(args.summarize.read_text())
+        print(table(report["variants"]))
+        return report
     if args.threads:
         torch.set_num_threads(args.threads)
     if engine is None:
@@ -503,7 +533,8 @@ def main(argv=None, engine=None, encode: Callable[[str], list[int]] | None = Non
             "nll_length": args.nll_length,
             "chunk_size": args.chunk_size,
             "base_config": base.to_dict(),
-            "scoring": "teacher-forced exact match: argmax at every answer position equals the answer token",
+            "scoring": "prefill the prompt with the variant, decode the answer teacher-forced with dense "
+            "attention over that KV; exact match: argmax at every answer position equals the answer token",
             "recall_rows": "per chunk and layer: the last query block and 3 seeded random query blocks",
             "sparse_attention": "reference" if args.reference_attention else "masked SDPA (same function)",
         },

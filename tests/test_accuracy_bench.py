@@ -159,3 +159,14 @@ def test_masked_sdpa_attention_matches_the_reference(q_offset):
     with accuracy.fast_cpu_attention():
         assert reference.block_sparse_attention is accuracy.masked_sdpa_block_sparse_attention
     assert reference.block_sparse_attention is not accuracy.masked_sdpa_block_sparse_attention
+
+
+def test_answer_predictions_match_a_full_forward_in_dense_mode(tiny_engine):
+    """Prefill + dense decode over the cache predicts what one forward over prompt + answer does."""
+    torch.manual_seed(5)
+    prompt, answer = torch.randint(0, 256, (300,)).tolist(), torch.randint(0, 256, (6,)).tolist()
+    variant = accuracy.Variant("dense", "dense", ProxyAttnConfig(block_size=16), "")
+    predicted = accuracy.answer_predictions(tiny_engine, prompt, answer, variant, 128, None)
+    with torch.no_grad():
+        logits = tiny_engine.model(input_ids=torch.tensor([prompt + answer])).logits[0]
+    assert predicted == logits[len(prompt) - 1 : -1].argmax(dim=-1).tolist()
