@@ -11,9 +11,9 @@ Four task kinds, each a prompt of about `length` tokens and one expected answer 
 - variable_tracking: "VAR <a> = <5 digits>." then "VAR <b> = VAR <a>." and so on, spread over the
   text; asked for every variable that holds the number, in assignment order.
 
-Scoring is by teacher forcing (bench/accuracy.py): the model reads prompt + answer once, and the
-answer counts as retrieved when the argmax of the logits at every answer position is the answer's
-next token, which is exactly the condition for greedy decoding to emit the answer. Needles sit at
+Scoring lives in bench/accuracy.py: the prompt is prefilled, the answer decoded teacher-forced,
+and the answer counts as retrieved when the argmax at every answer position is the answer's
+next token, which is exactly the condition for greedy decoding to emit it. Needles sit at
 paragraph boundaries at seeded depths; the haystack paragraphs come from bench/corpus.py.
 """
 
