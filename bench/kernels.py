@@ -168,38 +168,46 @@ def flex_block_mask(index: BlockSparseIndex, n: int):
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, diag_last)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, diag_last, gqa_packed)
 TILE_VARIANTS = [
-    (128, 64, 8, 3, False),
-    (128, 64, 8, 3, True),
-    (128, 128, 8, 3, True),
-    (128, 64, 8, 4, True),
-    (128, 128, 8, 2, True),
-    (64, 64, 4, 3, True),
-    (64, 128, 4, 3, True),
+    (128, 64, 8, 3, False, False),
+    (128, 64, 8, 3, True, False),
+    (128, 128, 8, 3, True, False),
+    (128, 64, 8, 4, True, False),
+    (128, 128, 8, 2, True, False),
+    (64, 64, 4, 3, True, False),
+    (64, 128, 4, 3, True, False),
+]
+GQA_VARIANTS = [
+    (128, 64, 8, 3, False, False),
+    (128, 64, 8, 3, False, True),
+    (128, 128, 8, 3, False, True),
+    (128, 64, 4, 3, False, True),
 ]
 # proxy scores: (query blocks per program, key blocks per tile, num_warps, num_stages)
 SCORE_VARIANTS = [(2, 4, 8, 3), (1, 4, 4, 3), (2, 8, 8, 3), (4, 4, 8, 3), (2, 4, 4, 3), (1, 8, 4, 2)]
 
 
-def tune(lengths: list[int], result: dict) -> None:
+def tune(lengths: list[int], result: dict, gqa_only: bool = False) -> None:
     """Attention tile variants on the dense and a 90% mask; proxy-score tile variants."""
     for n in lengths:
-        tune_length(n, result)
+        tune_length(n, result, gqa_only)
 
 
-def tune_length(n: int, result: dict) -> None:
+def tune_length(n: int, result: dict, gqa_only: bool = False) -> None:
     q, k, v = random_inputs(n, seed=n)
     reps = repeats_for(n, 10)
     for sparsity in (0.0, 0.9):
         index = forced_index(n, sparsity, seed=n + 1)
         pairs = kept_pairs(index, n)
         want, _ = tb.block_sparse_attention(q, k, v, index)
-        for *tiles, diag_last in TILE_VARIANTS:
+        for *tiles, diag_last, packed in GQA_VARIANTS if gqa_only else TILE_VARIANTS:
             tiles = tuple(tiles)
 
-            def attend(index=index, tiles=tiles, diag_last=diag_last):
-                return tb.block_sparse_attention(q, k, v, index, tiles=tiles, diag_last=diag_last)
+            def attend(index=index, tiles=tiles, diag_last=diag_last, packed=packed):
+                return tb.block_sparse_attention(
+                    q, k, v, index, tiles=tiles, diag_last=diag_last, gqa_packed=packed
+                )
 
             try:
                 err = rel_err(attend()[0], want)
@@ -208,10 +216,11 @@ def tune_length(n: int, result: dict) -> None:
                 print(f"  N={n} sparsity {sparsity} tiles {tiles}: failed {exc!r}"[:300])
                 continue
             tflops = 4 * D * pairs / timing["median_ms"] / 1e9
-            res = dict(tb.KERNEL_RESOURCES.get("attention", {}))
+            res = dict(tb.KERNEL_RESOURCES.get("attention_gqa" if packed else "attention", {}))
             result["rows"].append(
                 {
                     "kind": "tune",
+                    "gqa_packed": packed,
                     "n": n,
                     "sparsity": sparsity,
                     "tiles": list(tiles),
@@ -223,10 +232,12 @@ def tune_length(n: int, result: dict) -> None:
                 }
             )
             print(
-                f"  N={n} sparsity {sparsity} tiles {tiles} diag_last={diag_last}: "
+                f"  N={n} sparsity {sparsity} tiles {tiles} diag_last={diag_last} gqa_packed={packed}: "
                 f"{timing['median_ms']:.2f} ms {tflops:.0f} TFLOP/s err {err:.1e} {res}",
                 flush=True,
             )
+    if gqa_only:
+        return
     cfg = ProxyAttnConfig()
     want = tb.estimate_block_scores(q, k, cfg)
     finite = torch.isfinite(want)
@@ -541,6 +552,7 @@ def main() -> None:
     parser.add_argument("--no-fa2", action="store_true")
     parser.add_argument("--crossover", type=int, nargs="*", default=[4096, 8192, 12288, 16384, 24576, 32768])
     parser.add_argument("--tune", action="store_true", help="time attention tile variants, then stop")
+    parser.add_argument("--tune-gqa", action="store_true", help="with --tune: only the GQA-packed comparison")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
         "--markdown", type=Path, default=None, help="print tables from a result JSON and stop"
@@ -554,7 +566,8 @@ def main() -> None:
 
     name = torch.cuda.get_device_name()
     tag = name.replace("NVIDIA ", "").split()[0].lower()
-    out_path = args.out or Path(__file__).parent / "results" / f"kernels-{tag}.json"
+    stem = f"kernels-tune-{tag}" if args.tune else f"kernels-{tag}"
+    out_path = args.out or Path(__file__).parent / "results" / f"{stem}.json"
     import triton
 
     result = {
@@ -571,7 +584,9 @@ def main() -> None:
         "rows": [],
     }
     if args.tune:
-        tune(args.lengths, result)
+        tune(args.lengths, result, gqa_only=args.tune_gqa)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=1))
         return
     flex = None
     if not args.no_flex:

@@ -935,6 +935,115 @@ def _sparse_attention_fwd(
     tl.store(Lse + bh * num_queries + rows, lse, mask=row_ok)
 
 
+@triton.jit
+def _sparse_attention_gqa_fwd(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    Order,
+    Counts,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_on,
+    stride_order_b,
+    stride_order_g,
+    stride_order_m,
+    stride_counts_b,
+    stride_counts_h,
+    num_heads,
+    num_kv_heads,
+    kv_per_group,
+    num_query_tiles,
+    num_queries,
+    num_keys,
+    q_offset,
+    qk_scale_log2,
+    MASK_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    REP: tl.constexpr,  # query heads per KV head
+    DOT_PRECISION: tl.constexpr,
+):
+    """GQA-packed variant: one program per (batch x KV head, tile of BLOCK_M / REP queries) holds
+    the same queries of all REP query heads of the KV head, stacked in M (row r: head r // rows,
+    query r % rows), so every K/V tile is loaded once for the REP heads. The heads' kept sets
+    are nested prefixes of one list, so the program walks the longest prefix; from the shortest
+    count on, rows whose head has stopped are masked to -inf (they add nothing)."""
+    ROWS: tl.constexpr = BLOCK_M // REP
+    TILES: tl.constexpr = MASK_BLOCK // BLOCK_N
+    bkv = tl.program_id(0)
+    tile_m = num_query_tiles - 1 - tl.program_id(1)
+    b = bkv // num_kv_heads
+    kvh = bkv % num_kv_heads
+    group = kvh // kv_per_group
+    q0 = tile_m * ROWS  # chunk-relative first query of the tile
+    mask_row = q0 // MASK_BLOCK
+    diag = q_offset // MASK_BLOCK + mask_row
+
+    r = tl.arange(0, BLOCK_M)
+    head = kvh * REP + r // ROWS
+    query = q0 + r % ROWS
+    q_pos = q_offset + query
+    row_ok = query < num_queries
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        Q + b * stride_qb + head[:, None] * stride_qh + query[:, None] * stride_qn + dims[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    order_row = Order + b * stride_order_b + group * stride_order_g + mask_row * stride_order_m
+    row_count = tl.load(Counts + b * stride_counts_b + head * stride_counts_h + mask_row)
+    max_count = _row_max(row_count, 0)
+    min_count = -_row_max(-row_count, 0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for it in range(0, max_count * TILES):
+        entry = it // TILES
+        block = tl.load(order_row + entry)
+        keys = block * MASK_BLOCK + (it % TILES) * BLOCK_N + offs_n
+        in_range = keys[:, None] < num_keys
+        k = tl.load(k_base + keys[:, None] * stride_kn + dims[None, :], mask=in_range, other=0.0)
+        v = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :], mask=in_range, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if block == diag:
+            qk = tl.where(keys[None, :] <= q_pos[:, None], qk, float("-inf"))
+        if entry >= min_count:
+            qk = tl.where((entry < row_count)[:, None], qk, float("-inf"))
+        m_new = tl.maximum(m_i, _row_max(qk, 1) * qk_scale_log2)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk * qk_scale_log2 - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + _row_sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    tl.store(
+        Out + b * stride_ob + head[:, None] * stride_oh + query[:, None] * stride_on + dims[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    tl.store(Lse + (b * num_heads + head) * num_queries + query, lse, mask=row_ok)
+
+
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -950,12 +1059,15 @@ def block_sparse_attention(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     diag_last: bool = False,
+    gqa_packed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention over the index's kept blocks: (out like q, lse float32 [B, Hq, Nq]).
 
     `tiles` overrides (BLOCK_M, BLOCK_N, num_warps, num_stages) for tuning runs; `out` (q's shape
     and dtype) and `lse` (contiguous float32 [B, Hq, Nq]) are optional destinations, e.g. slices
-    of a preallocated buffer."""
+    of a preallocated buffer. `gqa_packed` runs the variant that stacks a KV head's query heads
+    in one program (needs a power-of-two ratio with BLOCK_M / ratio >= 16); see
+    bench/NOTES-kernels.md for whether it pays."""
     bs = index.block_size
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -974,6 +1086,21 @@ def block_sparse_attention(
         raise ValueError(f"out must match q {tuple(q.shape)} {q.dtype} with a unit last stride")
     if lse.shape != (b, hq, nq) or lse.dtype != torch.float32 or not lse.is_contiguous():
         raise ValueError(f"lse must be a contiguous float32 tensor of shape {(b, hq, nq)}")
+    rep = hq // hkv
+    if gqa_packed and rep > 1 and not rep & (rep - 1) and block_m // rep >= 16:
+        rows = block_m // rep
+        num_tiles = _cdiv(nq, rows)
+        kernel = _sparse_attention_gqa_fwd[(b * hkv, num_tiles)](
+            q, k, v, out, lse, order, counts,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            order.stride(0), order.stride(1), order.stride(2), counts.stride(0), counts.stride(1),
+            hq, hkv, hkv // index.num_groups, num_tiles, nq, nk, q_offset, scale * LOG2E,
+            MASK_BLOCK=bs, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, REP=rep,
+            DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        _record("attention_gqa", kernel)
+        return out, lse
     num_tiles = _cdiv(nq, block_m)
     kernel = _sparse_attention_fwd[(b * hq, num_tiles)](
         q,
