@@ -85,8 +85,8 @@ def engine(model_dir):
 
 @pytest.fixture(scope="module")
 def dense_pipeline(ray_cluster, model_dir):
-    pipe = ShardedPrefill(model_dir, num_stages=2, attention="dense", actor_options={"num_cpus": 0.5})
-    pipe.wait_ready()
+    pipe = ShardedPrefill(model_dir, num_stages=2, attention="dense", actor_options={"num_cpus": 0.25})
+    pipe.wait_ready(timeout_s=180)
     yield pipe
     pipe.shutdown()
 
@@ -94,9 +94,19 @@ def dense_pipeline(ray_cluster, model_dir):
 @pytest.fixture(scope="module")
 def sparse_pipeline(ray_cluster, model_dir):
     pipe = ShardedPrefill(
-        model_dir, layer_ranges=[(0, 1), (1, 3), (3, 4)], config=SPARSE, actor_options={"num_cpus": 0.5}
+        model_dir, layer_ranges=[(0, 1), (1, 3), (3, 4)], config=SPARSE, actor_options={"num_cpus": 0.25}
     )
-    pipe.wait_ready()
+    pipe.wait_ready(timeout_s=180)
+    yield pipe
+    pipe.shutdown()
+
+
+@pytest.fixture(scope="module")
+def collective_pipeline(ray_cluster, model_dir):
+    pipe = ShardedPrefill(
+        model_dir, num_stages=3, config=SPARSE, transport="collective", actor_options={"num_cpus": 0.25}
+    )
+    pipe.wait_ready(timeout_s=180)
     yield pipe
     pipe.shutdown()
 
@@ -134,6 +144,18 @@ def test_proxyattn_three_stages_match_the_engine(sparse_pipeline, engine, tokens
     assert relative_error(result.logits, dense.logits) > 1e-3
 
 
+def test_collective_transport_matches_the_engine(collective_pipeline, engine, tokens):
+    # hidden states travel rank to rank through torch.distributed (gloo on the CPU)
+    result = collective_pipeline.prefill(tokens, CHUNK, logits="all")
+    assert_same_prefill(result, engine.prefill(tokens, CHUNK, logits="all"))
+    timeline = result.extra["timeline"]
+    # the same bytes as through the object store: token ids, fp32 hidden states twice, logits
+    assert timeline.bytes_moved() == PROMPT * 8 + 2 * PROMPT * 64 * 4 + PROMPT * 256 * 4
+    assert collective_pipeline.held_bytes() == [0, 0, 0]
+    again = collective_pipeline.prefill(tokens, CHUNK, logits="last")  # the group is reused
+    assert relative_error(again.logits, result.logits[-1:]) <= 1e-6
+
+
 def test_fixed_density_matches_the_engine(sparse_pipeline, engine, tokens):
     result = sparse_pipeline.prefill(tokens, CHUNK, logits=[PROMPT - 1, 3], fixed_density=0.25)
     expected = engine.prefill(tokens, CHUNK, logits=[PROMPT - 1, 3], fixed_density=0.25)
@@ -168,17 +190,14 @@ def test_fetch_streams_the_kv_in_layer_order_like_a_pool_worker(sparse_pipeline,
     assert torch.equal(torch.frombuffer(bytearray(ids), dtype=torch.int64), tokens)
     kv = [p for p in pieces if p["kind"] == "kv"]
     assert [p["layer"] for p in kv] == sorted(p["layer"] for p in kv)  # layer order across stages
-    assert all(len(p["keys"]) + len(p["values"]) <= 4096 for p in kv)
+    assert all(p["keys"].nbytes + p["values"].nbytes <= 4096 for p in kv)
     expected = engine.prefill(tokens, CHUNK, logits="none")
     for layer in range(NUM_LAYERS):
         parts = [p for p in kv if p["layer"] == layer]
         assert [(p["start"], p["end"]) for p in parts][0][0] == 0 and parts[-1]["end"] == PROMPT
-        keys = torch.cat(
-            [torch.frombuffer(bytearray(p["keys"]), dtype=torch.float32).view(p["shape"]) for p in parts], 1
-        )
-        values = torch.cat(
-            [torch.frombuffer(bytearray(p["values"]), dtype=torch.float32).view(p["shape"]) for p in parts], 1
-        )
+        keys = torch.cat([torch.from_numpy(p["keys"].copy()) for p in parts], dim=1)
+        values = torch.cat([torch.from_numpy(p["values"].copy()) for p in parts], dim=1)
+        assert keys.shape == (2, PROMPT, 16) and parts[0]["dtype"] == "float32"
         assert relative_error(keys, expected.keys[layer]) <= 1e-5
         assert relative_error(values, expected.values[layer]) <= 1e-5
     # a layer range spanning two stages

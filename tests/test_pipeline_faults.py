@@ -58,7 +58,7 @@ def expected(model_dir, tokens):
 @pytest.fixture(scope="module")
 def pipe(ray_cluster, model_dir):
     pipeline = ShardedPrefill(model_dir, num_stages=3, attention="dense", actor_options={"num_cpus": 0.5})
-    pipeline.wait_ready()
+    pipeline.wait_ready(timeout_s=180)
     yield pipeline
     pipeline.shutdown()
 
@@ -138,3 +138,30 @@ def test_the_deadline_bounds_the_wait(pipe, tokens):
         pipe.prefill(tokens, CHUNK, timeout_s=0.001)
     assert time.monotonic() - started < 60
     assert held_per_stage(pipe) == [0, 0, 0]
+
+
+@pytest.mark.timeout(300)
+def test_collective_transport_recovers_from_a_killed_stage(ray_cluster, model_dir, tokens, expected):
+    # with send/recv between ranks a survivor may wait on the dead peer: every stage is restarted
+    # (their KV goes with their processes) and a fresh group is formed for the next request
+    pipe = ShardedPrefill(
+        model_dir, num_stages=3, attention="dense", transport="collective", actor_options={"num_cpus": 0.25}
+    )
+    try:
+        assert_matches(pipe.prefill(tokens, CHUNK, logits="last"), expected)
+        pids = pipe.wait_ready()
+
+        def kill_middle(chunk: int) -> None:
+            if chunk == 0:
+                ray.kill(pipe.stages[1], no_restart=False)
+
+        started = time.monotonic()
+        with pytest.raises(StageUnavailableError):
+            pipe.prefill(tokens, CHUNK, logits="last", timeout_s=120, on_chunk_done=kill_middle)
+        assert time.monotonic() - started < 60  # well before the group's 120 s timeout
+        new_pids = pipe.wait_restarted(timeout_s=120)
+        assert all(new != old for new, old in zip(new_pids, pids))
+        assert held_per_stage(pipe) == [0, 0, 0]
+        assert_matches(pipe.prefill(tokens, CHUNK, logits="last"), expected)
+    finally:
+        pipe.shutdown()

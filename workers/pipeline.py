@@ -12,9 +12,14 @@ Why chunked *pipeline* and not sequence sharding: ProxyAttn's block estimation f
 every earlier key of the same layer, and with layer sharding those keys never leave the stage.
 Only the chunk's hidden states ([chunk, hidden] per chunk) move between stages.
 
-Transport: activations travel through Ray's object store as CPU tensors (the stage copies its
-output to the host, the next stage copies it to its device). That works on CPU and GPU alike and
-is what the tests exercise; every moved byte is counted in the timeline.
+Transport (`ShardedPrefill(transport=...)`), every moved byte counted in the timeline:
+- "object_store" (default): a stage returns its output as a CPU tensor, Ray hands it to the next
+  stage's call (chained object refs), which copies it to its device. Works everywhere.
+- "collective": the stages form a torch.distributed group (NCCL on GPUs, gloo on the CPU) and
+  send/recv the hidden states rank to rank (one send in flight, so a stage computes the next
+  chunk while the last one is on the wire); the driver only orders the calls. A dead peer would
+  leave a survivor waiting in recv, so on any failure all stages are restarted and the group is
+  formed anew before the next request.
 
 Faults: every wait on a stage has a timeout; a stage that dies (killed process, OOM) or times out
 makes the request release the KV on every surviving stage and raise `StageUnavailableError`
@@ -45,6 +50,7 @@ from .model import ModelInfo, check_supported, load_model, model_info_from_confi
 from .planner import balanced_layer_ranges
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TRANSPORTS = ("object_store", "collective")
 
 
 class StageUnavailableError(RuntimeError):
@@ -97,6 +103,7 @@ class ChunkRecord:
     end: float
     bytes_in: int
     bytes_out: int
+    wait: float = 0.0  # seconds spent waiting for the input (collective transport)
 
 
 def _random_stage_model(spec: StageSpec, attn_name: str, dtype: torch.dtype):
@@ -159,6 +166,11 @@ class PipelineStage:
         for local, layer in enumerate(self.layers):
             layer.self_attn.layer_idx = local
         self.rotary = base.rotary_emb
+        text_config = (
+            model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        )
+        self.hidden_size = text_config.hidden_size
+        self.pending_send = None  # (work, tensor) of the collective transport's last send
         self.embed = base.embed_tokens if self.is_first else None
         self.norm = base.norm if self.is_last else None
         self.lm_head = model.get_output_embeddings() if self.is_last else None
@@ -246,18 +258,75 @@ class PipelineStage:
         return self.contexts[request_id]
 
     # ---- compute ----------------------------------------------------------------------------
+    # ---- the collective transport ------------------------------------------------------------
+    def rendezvous_address(self) -> tuple[str, int]:
+        """(this node's IP, a free TCP port) for the stages' process group; asked of stage 0."""
+        import socket
+
+        import ray as ray_module
+
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return ray_module.util.get_node_ip_address(), port
+
+    def join_group(self, address: str, port: int, world_size: int, timeout_s: float) -> str:
+        """Join the stages' torch.distributed group as rank `stage index` (NCCL on CUDA, gloo on
+        the CPU). Send/recv then carry activations stage to stage without the object store.
+        `timeout_s` bounds a send/recv whose peer died, so a survivor never waits forever."""
+        import datetime
+
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{address}:{port}",
+            rank=self.index,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        self.pending_send = None
+        return backend
+
+    def _receive(self, num_tokens: int) -> torch.Tensor:
+        import torch.distributed as dist
+
+        buffer = torch.empty(1, num_tokens, self.hidden_size, dtype=self.dtype, device=self.device)
+        dist.recv(buffer, src=self.index - 1)
+        return buffer
+
+    def _send(self, hidden: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        if self.pending_send is not None:  # one send in flight: the next chunk may compute meanwhile
+            self.pending_send[0].wait()
+        tensor = hidden.contiguous()
+        self.pending_send = (dist.isend(tensor, dst=self.index + 1), tensor)
+
+    # ---- compute ----------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(
-        self, request_id: str, chunk: int, q_offset: int, payload: torch.Tensor, logit_rows: list[int] | None
+        self,
+        request_id: str,
+        chunk: int,
+        q_offset: int,
+        payload: torch.Tensor | None,
+        logit_rows: list[int] | None,
+        num_tokens: int | None = None,
     ) -> torch.Tensor:
         """Run one chunk through this stage's layers.
 
-        payload: token ids int64 [n] on the first stage, else the previous stage's hidden states
-        [1, n, hidden] (any device). Returns the hidden states on the CPU for the next stage, or, on
-        the last stage, float32 logits [len(logit_rows), vocab] for those chunk-relative rows.
+        payload: token ids int64 [n] on the first stage; on later stages the previous stage's hidden
+        states [1, n, hidden] (any device), or None when they come by the collective transport
+        (then `num_tokens` = n, and the stage receives them from the previous rank). Returns, on the
+        last stage, float32 logits [len(logit_rows), vocab] for those chunk-relative rows; on other
+        stages the hidden states on the CPU, or an empty tensor when they were sent to the next rank.
         Chunks must arrive in order: the cache appends, so a chunk at the wrong offset is refused.
         """
-        start = time.time()
+        arrived = time.time()
         cache = self._cache(request_id)
         context = self.contexts[request_id]
         if cache.num_tokens != q_offset:
@@ -265,6 +334,9 @@ class PipelineStage:
                 f"stage {self.index} got chunk {chunk} at offset {q_offset} "
                 f"but holds {cache.num_tokens} tokens"
             )
+        if payload is None and not self.is_first:
+            payload = self._receive(num_tokens)
+        start = time.time()  # compute starts once the input is here (waiting is not work)
         bytes_in = payload.numel() * payload.element_size()
         if self.is_first:
             hidden = self.embed(payload.to(self.device)[None])
@@ -286,13 +358,17 @@ class PipelineStage:
         if self.is_last:
             rows = torch.tensor(logit_rows or [], dtype=torch.long, device=self.device)
             out = self.lm_head(self.norm(hidden[0, rows])).float().cpu()
+            bytes_out = out.numel() * out.element_size()
+        elif num_tokens is not None:
+            self._send(hidden)
+            out = torch.empty(0)
+            bytes_out = hidden.numel() * hidden.element_size()
         else:
             out = hidden.cpu()
+            bytes_out = out.numel() * out.element_size()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        record = ChunkRecord(
-            self.index, chunk, start, time.time(), bytes_in, out.numel() * out.element_size()
-        )
+        record = ChunkRecord(self.index, chunk, start, time.time(), bytes_in, bytes_out, start - arrived)
         self.records[request_id].append(record)
         return out
 
@@ -305,10 +381,10 @@ class PipelineStage:
         self, request_id: str, max_chunk_bytes: int, layer_start: int = 0, layer_end: int | None = None
     ):
         """The FetchKV pieces of this stage's layers within [layer_start, layer_end), in the pool
-        workers' format (ray_pool.PrefillWorker.fetch: raw little-endian bytes of keys and values
-        of one layer and one token range, at most `max_chunk_bytes`, global layer numbers); a Ray
-        streaming generator. First item {"kind": "missing"} when the request's KV is not here."""
-        from .ray_pool import tensor_bytes
+        workers' format (ray_pool.PrefillWorker.fetch: little-endian numpy arrays of the keys and
+        values of one layer and one token range, at most `max_chunk_bytes`, global layer numbers); a
+        Ray streaming generator. First item {"kind": "missing"} when the request's KV is not here."""
+        from .ray_pool import tensor_array
 
         cache = self.caches.get(request_id)
         if cache is None:
@@ -321,8 +397,8 @@ class PipelineStage:
             step = max(1, max_chunk_bytes // (2 * heads * head_dim * keys.element_size()))
             for start in range(0, num_tokens, step):
                 end = min(num_tokens, start + step)
-                dtype, key_bytes = tensor_bytes(keys[:, start:end])
-                _, value_bytes = tensor_bytes(values[:, start:end])
+                dtype, key_array = tensor_array(keys[:, start:end])
+                _, value_array = tensor_array(values[:, start:end])
                 yield {
                     "kind": "kv",
                     "layer": layer,
@@ -330,8 +406,8 @@ class PipelineStage:
                     "end": end,
                     "dtype": dtype,
                     "shape": [heads, end - start, head_dim],
-                    "keys": key_bytes,
-                    "values": value_bytes,
+                    "keys": key_array,
+                    "values": value_array,
                 }
 
 
@@ -450,6 +526,8 @@ class ShardedPrefill:
         max_restarts: int = 4,
         seed: int = 0,
         model_id: str | None = None,
+        transport: str = "object_store",
+        group_timeout_s: float = 120.0,
     ):
         if attention not in attention_mod.MODES:
             raise ValueError(f"attention must be one of {attention_mod.MODES}, got {attention!r}")
@@ -485,6 +563,11 @@ class ShardedPrefill:
         self.stages = [actor_class.remote(spec, s, len(ranges)) for s, spec in enumerate(self.specs)]
         self._info: ModelInfo | None = None
         self._kept: dict[str, torch.Tensor] = {}  # token ids of requests whose KV stays on the stages
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        self.transport = transport if len(ranges) > 1 else "object_store"
+        self.group_timeout_s = group_timeout_s
+        self._group_pids: list[int] | None = None  # the processes that formed the current group
 
     @property
     def num_stages(self) -> int:
@@ -589,22 +672,35 @@ class ShardedPrefill:
         deadline = time.monotonic() + timeout_s
         started = time.perf_counter()
         num_chunks = math.ceil(n / chunk_size)
+        collective = self.transport == "collective"
         try:
+            if collective:
+                self._ensure_group(deadline)
             reserved = self._get([s.begin.remote(rid, n, fixed_density) for s in self.stages], deadline)
             outputs: list[torch.Tensor] = []
-            pending: list[tuple[int, ray.ObjectRef]] = []
+            pending: list[tuple[int, list]] = []
             for c in range(num_chunks):
                 q0, q1 = c * chunk_size, min(n, (c + 1) * chunk_size)
                 rows = [p - q0 for p in positions if q0 <= p < q1]
-                ref = tokens[q0:q1].clone()
+                refs = []
+                payload = tokens[q0:q1].clone()
                 for s, stage in enumerate(self.stages):
-                    ref = stage.forward.remote(rid, c, q0, ref, rows if s == self.num_stages - 1 else None)
-                pending.append((c, ref))
+                    last = s == self.num_stages - 1
+                    if collective:  # hidden states go rank to rank; the driver only orders the calls
+                        refs.append(
+                            stage.forward.remote(
+                                rid, c, q0, payload if s == 0 else None, rows if last else None, q1 - q0
+                            )
+                        )
+                    else:  # the previous stage's output ref: Ray hands its value over when it is ready
+                        payload = stage.forward.remote(rid, c, q0, payload, rows if last else None)
+                        refs = [payload]
+                pending.append((c, refs))
                 # backpressure: wait for the oldest chunk once `window` are in flight, and drain at the end
                 while pending and (len(pending) >= window or c == num_chunks - 1):
-                    done_chunk, done_ref = pending.pop(0)
-                    outputs.append(self._get(done_ref, deadline))
-                    del done_ref
+                    done_chunk, done_refs = pending.pop(0)
+                    outputs.append(self._get_first_failure(done_refs, deadline)[-1])
+                    del done_refs
                     if on_chunk_done is not None:
                         on_chunk_done(done_chunk)
             ttft = time.perf_counter() - started
@@ -623,7 +719,12 @@ class ShardedPrefill:
                 self._kept[rid] = tokens
         except BaseException:
             # a failure, the deadline or an interrupt: nothing of this request may stay behind
-            self.release(rid)
+            if collective:
+                # survivors may sit in a recv from a dead peer: restart them all (their KV goes
+                # with their processes) and form a new group before the next request
+                self._restart_all()
+            else:
+                self.release(rid)
             raise
         # the logits rows come back chunk by chunk (caller's order within a chunk); restore the
         # caller's order overall
@@ -677,6 +778,42 @@ class ShardedPrefill:
             raise StageUnavailableError(f"pipeline stage failed: {cause}") from exc
         except ray.exceptions.RayError as exc:
             raise StageUnavailableError(f"pipeline stage unreachable: {exc}") from exc
+
+    def _get_first_failure(self, refs: list, deadline: float) -> list:
+        """Values of `refs`, raising as soon as any of them fails (not after the others, which may
+        be blocked on the failed one until the group timeout)."""
+        remaining = list(refs)
+        while remaining:
+            ready, remaining = ray.wait(
+                remaining, num_returns=1, timeout=max(0.0, deadline - time.monotonic())
+            )
+            if not ready:
+                raise StageUnavailableError("pipeline stage did not answer within the request deadline")
+            self._get(ready[0], deadline)
+        return self._get(list(refs), deadline)
+
+    def _ensure_group(self, deadline: float) -> None:
+        """Form the stages' process group, again whenever a stage process changed (a restart)."""
+        pids = self._get([stage.ping.remote() for stage in self.stages], deadline)
+        if pids == self._group_pids:
+            return
+        address, port = self._get(self.stages[0].rendezvous_address.remote(), deadline)
+        self._get(
+            [
+                stage.join_group.remote(address, port, self.num_stages, self.group_timeout_s)
+                for stage in self.stages
+            ],
+            deadline,
+        )
+        self._group_pids = pids
+
+    def _restart_all(self) -> None:
+        self._group_pids = None
+        for stage in self.stages:
+            try:
+                ray.kill(stage, no_restart=False)
+            except ray.exceptions.RayError:
+                pass
 
     def _stage_of(self, exc) -> int | None:
         actor_id = getattr(exc, "actor_id", None)
