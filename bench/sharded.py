@@ -19,6 +19,9 @@ Time to first token: prompt submitted -> last position's logits on the driver.
 
     python bench/sharded.py --scenario cpu                           # here, writes bench/results/
     source .device/env.sh && python bench/sharded.py --scenario engine-1m pipeline --out-dir $OUT
+    # two GPUs (not yet run): scaling at 128k and the long rows
+    python bench/sharded.py --scenario pipeline --stages 1 2 --transport collective \
+        --pipeline-tokens 131072 524288 1048576 --out-dir $OUT
 """
 
 from __future__ import annotations
@@ -203,54 +206,65 @@ def run_pipeline_gpu(report: Report, args, deadline: float) -> None:
     import ray
 
     from proxyprefill.workers.pipeline import ShardedPrefill
+    from proxyprefill.workers.planner import InsufficientResources, ModelShape, WorkerState, plan_prefill
 
     gpus = torch.cuda.device_count()
     ray.init(num_gpus=gpus, num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=True)
     source = dict(LLAMA_8B, model_type="llama")
-    stages = min(args.stages, gpus)
-    started = time.perf_counter()
-    pipe = ShardedPrefill(
-        source,
-        num_stages=stages,
-        config=proxy_config(128),
-        device="cuda",
-        dtype="bfloat16",
-        threads=4,
-        actor_options={"num_gpus": 1, "num_cpus": 1},
-        model_id="llama-3.1-8b-shape-random",
-    )
-    pipe.wait_ready()
-    build_s = time.perf_counter() - started
-    generator = torch.Generator().manual_seed(0)
+    shape = ModelShape.from_config(argparse.Namespace(**LLAMA_8B, tie_word_embeddings=False))
     chunk = args.pipeline_chunk
-    warm = torch.randint(0, LLAMA_8B["vocab_size"], (2 * chunk,), generator=generator)
-    pipe.release(pipe.prefill(warm, chunk, fixed_density=args.density, gather=False).extra["request_id"])
-    for tokens in args.pipeline_tokens:
-        if time.monotonic() > deadline:
-            report.add({"scenario": "pipeline", "tokens": tokens, "error": "skipped: time budget spent"})
-            continue
-        ids = torch.randint(0, LLAMA_8B["vocab_size"], (tokens,), generator=generator)
-        try:
-            result = pipe.prefill(
-                ids,
-                chunk,
-                fixed_density=args.density,
-                logits="last",
-                gather=False,
-                timeout_s=max(30.0, deadline - time.monotonic()),
+    warm = torch.randint(0, LLAMA_8B["vocab_size"], (2 * chunk,), generator=torch.Generator().manual_seed(0))
+    baselines: dict[int, float] = {}
+    for stages in sorted(set(min(s, gpus) for s in args.stages)):
+        workers = [WorkerState(i, torch.cuda.mem_get_info(i)[0]) for i in range(gpus)]
+        started = time.perf_counter()
+        pipe = ShardedPrefill(
+            source,
+            num_stages=stages,
+            config=proxy_config(128),
+            device="cuda",
+            dtype="bfloat16",
+            threads=4,
+            actor_options={"num_gpus": 1, "num_cpus": 1},
+            model_id="llama-3.1-8b-shape-random",
+            transport=args.transport,
+        )
+        pipe.wait_ready()
+        build_s = time.perf_counter() - started
+        pipe.release(pipe.prefill(warm, chunk, fixed_density=args.density, gather=False).extra["request_id"])
+        for tokens in args.pipeline_tokens:
+            row = {"scenario": "pipeline", "model": "llama-3.1-8b-shape", "tokens": tokens, "stages": stages}
+            if time.monotonic() > deadline:
+                report.add({**row, "error": "skipped: time budget spent"})
+                continue
+            try:  # what the service would do: refuse up front what cannot fit
+                plan_prefill(tokens, shape, workers, chunk_tokens=chunk, force_stages=stages)
+            except InsufficientResources as refused:
+                report.add({**row, "refused": str(refused), "needed_bytes": refused.needed_bytes})
+                continue
+            ids = torch.randint(
+                0, LLAMA_8B["vocab_size"], (tokens,), generator=torch.Generator().manual_seed(tokens)
             )
-            pipe.release(result.extra["request_id"])
-            row = pipeline_row(pipe, result, tokens, chunk, "pipeline", "llama-3.1-8b-shape")
-            row["build_seconds"] = build_s
-        except Exception as exc:
-            row = {
-                "scenario": "pipeline",
-                "tokens": tokens,
-                "stages": stages,
-                "error": f"{type(exc).__name__}: {str(exc)[:500]}",
-            }
-        report.add(row)
-    pipe.shutdown()
+            try:
+                result = pipe.prefill(
+                    ids,
+                    chunk,
+                    fixed_density=args.density,
+                    logits="last",
+                    gather=False,
+                    timeout_s=max(30.0, deadline - time.monotonic()),
+                )
+                pipe.release(result.extra["request_id"])
+                if stages == 1:
+                    baselines[tokens] = result.extra["ttft_s"]
+                row = pipeline_row(
+                    pipe, result, tokens, chunk, "pipeline", "llama-3.1-8b-shape", baselines.get(tokens)
+                )
+                row.update(build_seconds=build_s, transport=pipe.transport)
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+            report.add(row)
+        pipe.shutdown()
     ray.shutdown()
     if args.engine_baseline and time.monotonic() < deadline:
         # the same model and prompt through the engine in this process: the pipeline's own overhead
@@ -259,9 +273,8 @@ def run_pipeline_gpu(report: Report, args, deadline: float) -> None:
             model, model_id="llama-3.1-8b-shape-random", config=proxy_config(128)
         )
         engine.prefill(warm, chunk_size=chunk, fixed_density=args.density, logits="last")
-        generator = torch.Generator().manual_seed(0)
-        torch.randint(0, LLAMA_8B["vocab_size"], (2 * chunk,), generator=generator)  # same ids as above
         for tokens in args.pipeline_tokens:
+            generator = torch.Generator().manual_seed(tokens)  # the pipeline's prompt of this length
             ids = torch.randint(0, LLAMA_8B["vocab_size"], (tokens,), generator=generator)
             torch.cuda.synchronize()
             start = time.perf_counter()
@@ -335,7 +348,8 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--long-tokens", type=int, nargs="+", default=[1 << 20])
     parser.add_argument("--long-chunk", type=int, default=32768)
-    parser.add_argument("--stages", type=int, default=1)
+    parser.add_argument("--stages", type=int, nargs="+", default=[1], help="stage counts to run, e.g. 1 2")
+    parser.add_argument("--transport", default="object_store", choices=["object_store", "collective"])
     parser.add_argument("--pipeline-tokens", type=int, nargs="+", default=[131072])
     parser.add_argument("--pipeline-chunk", type=int, default=16384)
     parser.add_argument("--engine-baseline", action="store_true")
