@@ -126,6 +126,7 @@ def main(argv=None) -> int:
         "attention": args.attention,
         "chunk_size": args.chunk_size,
         "repeats": args.repeats,
+        "load_average_at_start": list(os.getloadavg()),
     }
     with LocalService(config) as service:
         info = service.pool.model_info
@@ -265,6 +266,7 @@ def main(argv=None) -> int:
             "server process)"
         )
     ray.shutdown()
+    results["load_average_at_end"] = list(os.getloadavg())  # other work sharing the machine
 
     out = (
         Path(args.out)

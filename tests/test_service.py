@@ -504,3 +504,36 @@ def test_cli_prefill_to_safetensors_info_and_decode(service, client, pool, token
     assert "new tokens" in capsys.readouterr().out
     client.release(handle)
     assert_healthy_and_clean(service, client, pool)
+
+
+def test_serve_command_drains_and_exits_on_sigterm(tmp_path):
+    import signal
+    import socket
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxyprefill.cli", "serve", "--listen", f"127.0.0.1:{port}",
+         "--num-workers", "1", "--ray-num-cpus", "1", "--drain-seconds", "5"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        with PrefillClient(f"127.0.0.1:{port}") as remote:
+
+            def serving():
+                try:
+                    return remote.health(timeout=1) == "SERVING"
+                except grpc.RpcError:
+                    return process.poll() is None and False
+
+            assert _wait_for(serving, seconds=120), (tmp_path / "serve.log").read_text()[-2000:]
+            assert remote.prefill(token_ids=[1, 2, 3], kv="none").summary.num_tokens == 3
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, (tmp_path / "serve.log").read_text()[-2000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
