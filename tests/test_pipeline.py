@@ -16,6 +16,7 @@ from proxyprefill.workers.pipeline import (  # noqa: E402
     ShardedPrefill,
     balanced_layer_ranges,
 )
+from proxyprefill.workers.planner import ModelShape, WorkerState, plan_prefill  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +86,12 @@ def engine(model_dir):
 
 @pytest.fixture(scope="module")
 def dense_pipeline(ray_cluster, model_dir):
-    pipe = ShardedPrefill(model_dir, num_stages=2, attention="dense", actor_options={"num_cpus": 0.25})
+    # laid out by the planner: a 4-layer model over 2 workers, forced, splits 2/2
+    shape = ModelShape.from_config(transformers.AutoConfig.from_pretrained(model_dir), dtype_bytes=4)
+    workers = [WorkerState(0, 1 << 30), WorkerState(1, 1 << 30)]
+    plan = plan_prefill(PROMPT, shape, workers, chunk_tokens=CHUNK, force_stages=2, headroom_bytes=0)
+    pipe = ShardedPrefill.from_plan(model_dir, plan, attention="dense", actor_options={"num_cpus": 0.25})
+    assert pipe.layer_ranges == [(0, 2), (2, 4)]
     pipe.wait_ready(timeout_s=180)
     yield pipe
     pipe.shutdown()

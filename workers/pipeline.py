@@ -569,6 +569,12 @@ class ShardedPrefill:
         self.group_timeout_s = group_timeout_s
         self._group_pids: list[int] | None = None  # the processes that formed the current group
 
+    @classmethod
+    def from_plan(cls, model_source: str | dict | None, plan, **kwargs) -> ShardedPrefill:
+        """Stages as a planner.ShardPlan lays them out (its layer ranges, in order); kwargs as for
+        the constructor. Which Ray node/GPU each actor lands on is Ray's choice (`actor_options`)."""
+        return cls(model_source, layer_ranges=plan.layer_ranges, **kwargs)
+
     @property
     def num_stages(self) -> int:
         return len(self.stages)
