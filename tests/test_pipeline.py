@@ -117,6 +117,13 @@ def collective_pipeline(ray_cluster, model_dir):
     pipe.shutdown()
 
 
+def test_constructor_refuses_bad_options_before_starting_workers():
+    with pytest.raises(ValueError, match="transport"):
+        ShardedPrefill(None, transport="pigeon")
+    with pytest.raises(ValueError, match="attention"):
+        ShardedPrefill(None, attention="sparse")
+
+
 def test_balanced_layer_ranges():
     assert balanced_layer_ranges(32, 2) == [(0, 16), (16, 32)]
     assert balanced_layer_ranges(10, 3) == [(0, 4), (4, 7), (7, 10)]

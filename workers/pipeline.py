@@ -531,6 +531,8 @@ class ShardedPrefill:
     ):
         if attention not in attention_mod.MODES:
             raise ValueError(f"attention must be one of {attention_mod.MODES}, got {attention!r}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         self.config = config or ProxyAttnConfig()
         self.attention = attention
         total_layers = _num_layers(model_source)
@@ -563,8 +565,6 @@ class ShardedPrefill:
         self.stages = [actor_class.remote(spec, s, len(ranges)) for s, spec in enumerate(self.specs)]
         self._info: ModelInfo | None = None
         self._kept: dict[str, torch.Tensor] = {}  # token ids of requests whose KV stays on the stages
-        if transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         self.transport = transport if len(ranges) > 1 else "object_store"
         self.group_timeout_s = group_timeout_s
         self._group_pids: list[int] | None = None  # the processes that formed the current group
