@@ -12,8 +12,10 @@ from proxyprefill.kernels.config import ProxyAttnConfig  # noqa: E402
 from proxyprefill.workers.engine import PrefillEngine, PrefillError  # noqa: E402
 from proxyprefill.workers.pipeline import (  # noqa: E402
     ChunkRecord,
+    PipelineStage,
     PipelineTimeline,
     ShardedPrefill,
+    StageSpec,
     balanced_layer_ranges,
 )
 from proxyprefill.workers.planner import ModelShape, WorkerState, plan_prefill  # noqa: E402
@@ -115,6 +117,40 @@ def collective_pipeline(ray_cluster, model_dir):
     pipe.wait_ready(timeout_s=180)
     yield pipe
     pipe.shutdown()
+
+
+def test_stages_read_only_their_share_of_a_tied_checkpoint(tmp_path, tokens):
+    # in-process stages (no Ray): tied embeddings, so the last stage needs the embedding as LM head
+    cfg = transformers.Qwen2Config(
+        num_hidden_layers=3,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(3)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
+    engine = PrefillEngine.from_pretrained(str(tmp_path), attention="dense", device="cpu")
+    expected = engine.prefill(tokens, CHUNK, logits=[PROMPT - 1])
+    stages = [
+        PipelineStage(StageSpec(str(tmp_path), start, stop, attention="dense"), s, 2)
+        for s, (start, stop) in enumerate([(0, 1), (1, 3)])
+    ]
+    assert [len(stage.layers) for stage in stages] == [1, 2]
+    assert stages[0].lm_head is None and stages[1].embed is None
+    for stage in stages:
+        stage.begin("r", PROMPT)
+    for c, q0 in enumerate(range(0, PROMPT, CHUNK)):
+        hidden = stages[0].forward("r", c, q0, tokens[q0 : q0 + CHUNK], None)
+        logits = stages[1].forward("r", c, q0, hidden, [CHUNK - 1] if q0 + CHUNK == PROMPT else [])
+    assert relative_error(logits, expected.logits) <= 1e-5
+    for layer in range(3):
+        keys, values = stages[0 if layer == 0 else 1].kv("r", layer)
+        assert relative_error(keys, expected.keys[layer]) <= 1e-5
+        assert relative_error(values, expected.values[layer]) <= 1e-5
 
 
 def test_constructor_refuses_bad_options_before_starting_workers():

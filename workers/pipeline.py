@@ -29,14 +29,17 @@ has been restarted by Ray (`max_restarts`).
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import resource
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 import torch
@@ -124,6 +127,82 @@ def _random_stage_model(spec: StageSpec, attn_name: str, dtype: torch.dtype):
     return model.eval(), info, spec.layer_start
 
 
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def _checkpoint_files(directory: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face directory (sharded or not); [] when there are none."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted({directory / name for name in weight_map.values()})
+    single = directory / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def _partial_stage_model(spec: StageSpec, attn_name: str, dtype: torch.dtype):
+    """Only this stage's share of a safetensors checkpoint: the model is built without storage
+    for layers [layer_start, layer_stop) (renumbered from 0), then exactly those tensors, plus the
+    embedding (first stage) or final norm and LM head (last stage), are read from the files. A
+    stage of a model too big for one host's memory never holds the rest. None when the source
+    is not a safetensors directory (GGUF, the embedded default): the caller loads it whole."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(spec.source) if spec.source is not None else None
+    if directory is None or not directory.is_dir():
+        return None
+    files = _checkpoint_files(directory)
+    if not files:
+        return None
+    config = AutoConfig.from_pretrained(str(directory))
+    check_supported(config)
+    total_layers = config.num_hidden_layers
+    first, last = spec.layer_start == 0, spec.layer_stop == total_layers
+    config.num_hidden_layers = spec.layer_stop - spec.layer_start
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_name)
+    model.to_empty(device="cpu")
+    base = model.get_decoder()
+    base.rotary_emb = type(base.rotary_emb)(config=config)  # its buffers are computed, not stored
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    wanted_prefixes = ["model.norm.", "lm_head."] if last else []
+    if first or (last and tied):
+        wanted_prefixes.append("model.embed_tokens.")
+    state = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                match = _LAYER_KEY.match(name)
+                if match:
+                    layer = int(match.group(1))
+                    if spec.layer_start <= layer < spec.layer_stop:
+                        state[f"model.layers.{layer - spec.layer_start}.{match.group(2)}"] = f.get_tensor(
+                            name
+                        )
+                elif any(name.startswith(prefix) for prefix in wanted_prefixes):
+                    state[name] = f.get_tensor(name)
+    missing, _ = model.load_state_dict(state, strict=False)
+    if tied:
+        model.tie_weights()
+    needed = [
+        name
+        for name in missing
+        if name.startswith("model.layers.")
+        or (first and name.startswith("model.embed_tokens."))
+        or (last and name.startswith("model.norm."))
+        or (last and not tied and name.startswith("lm_head."))
+    ]
+    if needed:
+        raise ValueError(
+            f"checkpoint {directory} lacks tensors that stage [{spec.layer_start}, {spec.layer_stop}) "
+            f"needs: {needed[:5]}"
+        )
+    model.config.num_hidden_layers = total_layers
+    info = model_info_from_config(model.config, spec.model_id or directory.name, dtype)
+    return model.eval(), info, spec.layer_start
+
+
 class PipelineStage:
     """One worker of a sharded prefill (run as a Ray actor; usable in-process too).
 
@@ -148,8 +227,10 @@ class PipelineStage:
         self.dtype = _DTYPES[spec.dtype]
         if isinstance(spec.source, dict):
             model, info, first_built_layer = _random_stage_model(spec, attn_name, self.dtype)
+        elif (partial := _partial_stage_model(spec, attn_name, self.dtype)) is not None:
+            model, info, first_built_layer = partial
         else:
-            # load on the host, then move only this stage's share to its device
+            # GGUF or the embedded default: load whole on the host, keep this stage's share
             model, _, info = load_model(
                 spec.source, attn_name, torch.device("cpu"), self.dtype, spec.model_id
             )
