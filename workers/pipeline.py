@@ -75,10 +75,10 @@ class StageUnavailableError(RuntimeError):
 class StageSpec:
     """What one stage loads and how it attends.
 
-    source: a Hugging Face model directory or .gguf file (every stage loads the same weights and
-        keeps its share), None for the embedded default model, or a dict of config fields (with
-        "model_type") for random weights (timing runs: only the stage's own layers are built, so
-        stages hold different random weights).
+    source: a Hugging Face model directory (a safetensors checkpoint: each stage reads only its
+        own tensors), a .gguf file or None for the embedded default model (loaded whole on the
+        host, then cut), or a dict of config fields (with "model_type") for random weights (timing
+        runs: only the stage's own layers are built, so stages hold different random weights).
     layer_start, layer_stop: the stage's decoder layers [start, stop) of the whole model.
     attention: "proxy" or "dense"; config: ProxyAttnConfig fields (None: the defaults).
     """
