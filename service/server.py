@@ -155,6 +155,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         self._sweeper: asyncio.Task | None = None
         self._draining = False
         self._stopped = asyncio.Event()
+        self._metrics_http = None  # (HTTP server, thread) of /metrics when metrics_port is set
         self.port: int | None = None
 
     # lifecycle -------------------------------------------------------------------------------
@@ -182,7 +183,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         else:
             self.port = server.add_insecure_port(self.config.listen)
         if self.config.metrics_port is not None:
-            self.metrics.serve_http(self.config.metrics_port)
+            self._metrics_http = self.metrics.serve_http(self.config.metrics_port)
         await server.start()
         self._server = server
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -239,6 +240,9 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             with contextlib.suppress(Exception):
                 await self.pool.release(self._worker_index(lease.worker), lease.handle)
         self._update_gauges()
+        if self._metrics_http is not None:
+            self._metrics_http[0].shutdown()
+            self._metrics_http[0].server_close()
         self._stopped.set()
 
     async def wait(self) -> None:

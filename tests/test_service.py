@@ -369,6 +369,22 @@ def test_metrics_exposition(service, client):
     assert float(prompt_tokens[0].split()[-1]) > 0
 
 
+def test_metrics_over_http(pool):
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with (
+        LocalService(_config(metrics_port=port), pool=pool) as exposed,
+        PrefillClient(exposed.target) as client,
+    ):
+        client.prefill(token_ids=[4, 5, 6], kv="none")
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "proxyprefill_prompt_tokens_total 3.0" in text
+
+
 def test_graceful_drain_finishes_in_flight_work(pool):
     with LocalService(_config(), pool=pool) as draining, PrefillClient(draining.target) as client:
         call = _long_call(client, chunk_size=512)
