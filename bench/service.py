@@ -248,8 +248,10 @@ def main(argv=None) -> int:
                 transfer = client.fetch_kv(handle, max_chunk_bytes=args.fetch_chunk_bytes)
                 in_process.append([time.perf_counter() - started, transfer.bytes_received])
             client.release(handle)
+            baseline_rows = fetch_without_ray(transfer, args.fetch_chunk_bytes, args.repeats + 1)[1:]
         separate = [b / s / 1e9 for s, b in rows]
         same = [b / s / 1e9 for s, b in in_process]
+        baseline = [b / s / 1e9 for s, b in baseline_rows]
         results["fetch"] = {
             "tokens": args.fetch_tokens,
             "kv_bytes": kept.handle.kv_bytes,
@@ -257,6 +259,9 @@ def main(argv=None) -> int:
             "gb_per_s_median_client_process": statistics.median(separate),
             "gb_per_s_median_client_in_server_process": statistics.median(same),
             "gb_per_s_client_process": separate,
+            "gb_per_s_median_grpc_only_baseline": statistics.median(baseline),
+            "baseline": "the same pre-serialised chunks streamed by a bare grpc.aio server from its memory "
+            "(no Ray, no leases) to the same client code in a separate process",
         }
         fetch = results["fetch"]
         print(
@@ -264,6 +269,9 @@ def main(argv=None) -> int:
             f"{fetch['gb_per_s_median_client_process']:.2f} GB/s "
             f"(client process), {fetch['gb_per_s_median_client_in_server_process']:.2f} GB/s (client in the "
             "server process)"
+        )
+        print(
+            f"          baseline, gRPC alone (no Ray): {fetch['gb_per_s_median_grpc_only_baseline']:.2f} GB/s"
         )
     ray.shutdown()
     results["load_average_at_end"] = list(os.getloadavg())  # other work sharing the machine
@@ -277,6 +285,58 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
+
+
+def fetch_without_ray(transfer, chunk_bytes: int, repeats: int) -> list:
+    """FetchKV's gRPC leg alone: a bare grpc.aio server streams the same pre-serialised chunks
+    (the same pieces FetchKV sends) from memory; the client is the same code in its own process."""
+    import asyncio
+    import threading
+
+    import grpc
+
+    from proxyprefill.service.server import SERVICE_NAME, encode_kv_chunk
+    from proxyprefill.workers.ray_pool import tensor_array
+
+    chunks, header = [], transfer.header
+    for layer, (keys, values) in enumerate(zip(transfer.keys, transfer.values, strict=True)):
+        heads, num_tokens, head_dim = keys.shape
+        step = max(1, chunk_bytes // (2 * heads * head_dim * keys.element_size()))
+        for start in range(0, num_tokens, step):
+            end = min(num_tokens, start + step)
+            dtype, key_array = tensor_array(keys[:, start:end])
+            _, value_array = tensor_array(values[:, start:end])
+            shape = [heads, end - start, head_dim]
+            item = {"kind": "kv", "layer": layer, "start": start, "end": end, "dtype": dtype,
+                    "shape": shape, "keys": key_array, "values": value_array}  # fmt: skip
+            chunks.append(encode_kv_chunk(item, header))
+            header = None
+
+    async def stream(request, context):
+        for chunk in chunks:
+            yield chunk
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start():
+        server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 << 20)])
+        handler = grpc.unary_stream_rpc_method_handler(stream, lambda b: b, lambda b: b)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, {"FetchKV": handler}),)
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result()
+    try:
+        job = {"kind": "fetch", "handle": "0" * 32, "repeats": repeats, "chunk_bytes": chunk_bytes}
+        return run_client(f"127.0.0.1:{port}", job)
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
 
 
 def _device_tag(results: dict) -> str:
