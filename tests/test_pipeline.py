@@ -18,7 +18,12 @@ from proxyprefill.workers.pipeline import (  # noqa: E402
     StageSpec,
     balanced_layer_ranges,
 )
-from proxyprefill.workers.planner import ModelShape, WorkerState, plan_prefill  # noqa: E402
+from proxyprefill.workers.planner import (  # noqa: E402
+    InsufficientResources,
+    ModelShape,
+    WorkerState,
+    plan_prefill,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -296,6 +301,19 @@ def test_timeline_arithmetic():
     assert timeline.ideal_bubble() == pytest.approx(1 / 3)
     assert timeline.overlap() == pytest.approx(1 / 3)
     assert timeline.bytes_moved() == 20 + 4
+
+
+def test_a_request_that_does_not_fit_is_refused_up_front(sparse_pipeline, tokens):
+    sparse_pipeline.set_memory_limit(100_000)  # bytes per stage: less than one layer's KV + a chunk
+    try:
+        with pytest.raises(InsufficientResources, match="320 tokens needs") as refused:
+            sparse_pipeline.prefill(tokens, CHUNK)
+        assert refused.value.grpc_code == "RESOURCE_EXHAUSTED"
+        assert refused.value.needed_bytes > refused.value.available_bytes
+        assert sparse_pipeline.held_bytes() == [0, 0, 0]
+    finally:
+        sparse_pipeline.set_memory_limit(None)
+    assert sparse_pipeline.prefill(tokens, CHUNK).logits.shape == (1, 256)
 
 
 def test_bad_requests_are_refused_before_any_work(sparse_pipeline, tokens):

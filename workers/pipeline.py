@@ -46,11 +46,11 @@ import torch
 
 from ..kernels.config import ProxyAttnConfig
 from . import attention as attention_mod
-from .engine import PrefillError, PrefillResult, token_ids_sha256
+from .engine import PrefillError, PrefillResult, _available_memory_bytes, token_ids_sha256
 from .kv_cache import PreallocatedKVCache
 from .kv_files import KVHeader
 from .model import ModelInfo, check_supported, load_model, model_info_from_config
-from .planner import balanced_layer_ranges
+from .planner import InsufficientResources, ModelShape, balanced_layer_ranges, stage_bytes
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TRANSPORTS = ("object_store", "collective")
@@ -251,6 +251,8 @@ class PipelineStage:
             model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         )
         self.hidden_size = text_config.hidden_size
+        self.shape = ModelShape.from_config(text_config, dtype_bytes=torch.finfo(self.dtype).bits // 8)
+        self.memory_limit_bytes: int | None = None
         self.pending_send = None  # (work, tensor) of the collective transport's last send
         self.embed = base.embed_tokens if self.is_first else None
         self.norm = base.norm if self.is_last else None
@@ -318,6 +320,22 @@ class PipelineStage:
         context = self._context(request_id)
         estimate_s, attention_s = context.finish_timing()
         return estimate_s, attention_s, context.sparsity_sum.float().cpu()
+
+    def model_shape(self) -> ModelShape:
+        return self.shape
+
+    def set_memory_limit(self, limit_bytes: int | None) -> None:
+        """Cap what this stage may use for requests (e.g. its share of a GPU); None: no cap."""
+        self.memory_limit_bytes = limit_bytes
+
+    def free_bytes(self) -> int | None:
+        """Memory free for a new request: the device's free memory (host's on the CPU), capped by
+        the memory limit less the KV already held; None when unknown."""
+        free = _available_memory_bytes(self.device)
+        if self.memory_limit_bytes is not None:
+            capped = self.memory_limit_bytes - self.held_bytes()
+            free = capped if free is None else min(free, capped)
+        return free
 
     def memory(self) -> dict:
         """Peak memory of this worker: the CUDA allocator's peak on GPU, the process max RSS."""
@@ -760,6 +778,7 @@ class ShardedPrefill:
         started = time.perf_counter()
         num_chunks = math.ceil(n / chunk_size)
         collective = self.transport == "collective"
+        self._check_fits(n, chunk_size, len(positions), deadline)  # refuse before allocating anything
         try:
             if collective:
                 self._ensure_group(deadline)
@@ -865,6 +884,30 @@ class ShardedPrefill:
             raise StageUnavailableError(f"pipeline stage failed: {cause}") from exc
         except ray.exceptions.RayError as exc:
             raise StageUnavailableError(f"pipeline stage unreachable: {exc}") from exc
+
+    def _check_fits(self, num_tokens: int, chunk_size: int, logits_rows: int, deadline: float) -> None:
+        """InsufficientResources (RESOURCE_EXHAUSTED) when some stage cannot hold its share of the
+        request: KV of its layers plus one chunk's activations (planner.stage_bytes; the weights
+        are already loaded), against the memory the stage reports free."""
+        shape = self._get(self.stages[0].model_shape.remote(), deadline)
+        free = self._get([stage.free_bytes.remote() for stage in self.stages], deadline)
+        needs = [
+            stage_bytes(
+                shape, r, self.num_stages, i, num_tokens, chunk_size, logits_rows, weights_resident=True
+            )
+            for i, r in enumerate(self.layer_ranges)
+        ]
+        short = [i for i, (need, avail) in enumerate(zip(needs, free)) if avail is not None and need > avail]
+        if short:
+            gib = 1024**3
+            raise InsufficientResources(
+                f"prompt of {num_tokens} tokens needs {sum(needs) / gib:.2f} GiB "
+                f"over {self.num_stages} stage(s) "
+                f"({', '.join(f'{need / gib:.2f}' for need in needs)} GiB); stage(s) {short} have only "
+                f"{', '.join(f'{free[i] / gib:.2f}' for i in short)} GiB free",
+                needed_bytes=sum(needs),
+                available_bytes=sum(f for f in free if f is not None),
+            )
 
     def _get_first_failure(self, refs: list, deadline: float) -> list:
         """Values of `refs`, raising as soon as any of them fails (not after the others, which may
@@ -977,6 +1020,10 @@ class ShardedPrefill:
 
     def held_bytes(self, timeout_s: float = 30.0) -> list[int]:
         return ray.get([stage.held_bytes.remote() for stage in self.stages], timeout=timeout_s)
+
+    def set_memory_limit(self, limit_bytes: int | None, timeout_s: float = 30.0) -> None:
+        """Cap every stage's memory for requests (None lifts the cap)."""
+        ray.get([stage.set_memory_limit.remote(limit_bytes) for stage in self.stages], timeout=timeout_s)
 
     def memory(self, timeout_s: float = 30.0) -> list[dict]:
         return ray.get([stage.memory.remote() for stage in self.stages], timeout=timeout_s)
