@@ -202,7 +202,7 @@ def main(argv=None) -> dict:
     chunks = args.chunks or ([256, 512] if args.tiny else [8192, 16384, 32768])
     repeats = args.repeats or ([1] * len(lengths) if args.tiny else [3, 1])
     block = 64 if args.tiny else 128
-    config = ProxyAttnConfig(block_size=block, min_budget_tokens=0)
+    config = ProxyAttnConfig(block_size=block, min_budget_tokens=0, dense_below_tokens=0)
     device_name = (
         torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     )

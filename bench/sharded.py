@@ -104,7 +104,7 @@ class Report:
 
 
 def proxy_config(block: int) -> ProxyAttnConfig:
-    return ProxyAttnConfig(block_size=block, min_budget_tokens=0)
+    return ProxyAttnConfig(block_size=block, min_budget_tokens=0, dense_below_tokens=0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 
 from . import coarse, reference
 from .config import ProxyAttnConfig
+from .dense import dense_causal_attention
 from .index import BlockSparseIndex
 
 BACKENDS = ("auto", "torch", "triton")
@@ -205,7 +206,7 @@ def proxy_attention(
     q [B, Hq, Nq, d]; k, v [B, Hkv, Nk, d] with Nk = q_offset + Nq. Returns out [B, Hq, Nq, d]
     (q's dtype), or (out, ProxyAttnStats) when return_stats. `scale` defaults to 1/sqrt(d) and
     is used for estimation and attention alike. Contexts of at most `dense_below_tokens` keys
-    use every causal block.
+    skip estimation and run dense causal attention (cuDNN on CUDA tensors).
     """
     config = config or ProxyAttnConfig()
     check_qkv(q, k, v, q_offset, config)
@@ -214,6 +215,13 @@ def proxy_attention(
     b, hq, nq, _ = q.shape
     nk = k.shape[2]
     dense = nk <= config.dense_below_tokens
+    if dense and use_triton and q.is_cuda:
+        # cuDNN through SDPA is the fastest dense kernel on the GPU (bench/results/kernels-*.json)
+        out = dense_causal_attention(q, k, v, q_offset, scale)
+        index = BlockSparseIndex.dense(
+            b, hq, config.proxy_groups, nq, nk, config.block_size, q_offset, device=q.device
+        )
+        return (out, ProxyAttnStats(index=index, dense_fallback=True)) if return_stats else out
     if dense:
         index = BlockSparseIndex.dense(
             b, hq, config.proxy_groups, nq, nk, config.block_size, q_offset, device=q.device

@@ -41,7 +41,10 @@ class ProxyAttnConfig:
     sink_blocks: leading key blocks always kept (attention sinks).
     local_blocks: blocks ending at the diagonal always kept (1 = the diagonal block only).
     dense_below_tokens: contexts (keys seen by the chunk) at or below this length use dense
-        attention; estimation would cost more than it saves.
+        attention; estimation would cost more than it saves. The default is the crossover
+        measured on an H100 (bench/results/kernels-h100.json, block 128, d=128, 32/8 heads): at
+        8k keys the whole sparse path at ~66% sparsity ties cuDNN (1.62 vs 1.59 ms), from 12k it
+        wins (1.72 vs 2.02 ms). On the CPU, or with smaller blocks, set it explicitly.
     estimator: "proxy" (ProxyAttn's strided proxy-head scores) or "meanpool" (the coarse
         baseline: per-group scores of mean-pooled query and key blocks, as sequence-compressing
         methods do), kept for comparison in the accuracy harness.
@@ -58,7 +61,7 @@ class ProxyAttnConfig:
     row_rule: RowRule = "fixed"
     sink_blocks: int = 1
     local_blocks: int = 1
-    dense_below_tokens: int = 0
+    dense_below_tokens: int = 8192
     estimator: Estimator = "proxy"
 
     def __post_init__(self) -> None:

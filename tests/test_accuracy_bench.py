@@ -81,7 +81,7 @@ def test_block_recall_against_a_full_softmax():
 
 def test_probe_counts_the_index_sparsity():
     torch.manual_seed(1)
-    config = ProxyAttnConfig(block_size=16, gamma=0.5, min_budget_tokens=16)
+    config = ProxyAttnConfig(dense_below_tokens=0, block_size=16, gamma=0.5, min_budget_tokens=16)
     q, k = torch.randn(1, 4, 128, 8), torch.randn(1, 2, 128, 8)
     scores = reference.estimate_block_scores(q, k, config)
     index = reference.build_block_mask(scores, reference.head_budgets(q, k, config), config)
@@ -146,7 +146,7 @@ def test_harness_end_to_end(tiny_engine, tmp_path):
 @pytest.mark.parametrize("q_offset", [0, 64])
 def test_masked_sdpa_attention_matches_the_reference(q_offset):
     torch.manual_seed(q_offset)
-    config = ProxyAttnConfig(block_size=16, gamma=0.6, min_budget_tokens=16)
+    config = ProxyAttnConfig(dense_below_tokens=0, block_size=16, gamma=0.6, min_budget_tokens=16)
     q = torch.randn(1, 6, 80, 16)
     k, v = torch.randn(1, 2, q_offset + 80, 16), torch.randn(1, 2, q_offset + 80, 16)
     scores = reference.estimate_block_scores(q, k, config, q_offset)
@@ -165,7 +165,7 @@ def test_answer_predictions_match_a_full_forward_in_dense_mode(tiny_engine):
     """Prefill + dense decode over the cache predicts what one forward over prompt + answer does."""
     torch.manual_seed(5)
     prompt, answer = torch.randint(0, 256, (300,)).tolist(), torch.randint(0, 256, (6,)).tolist()
-    variant = accuracy.Variant("dense", "dense", ProxyAttnConfig(block_size=16), "")
+    variant = accuracy.Variant("dense", "dense", ProxyAttnConfig(dense_below_tokens=0, block_size=16), "")
     predicted = accuracy.answer_predictions(tiny_engine, prompt, answer, variant, 128, None)
     with torch.no_grad():
         logits = tiny_engine.model(input_ids=torch.tensor([prompt + answer])).logits[0]

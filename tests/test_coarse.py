@@ -38,7 +38,7 @@ def _brute_force(q, k, config, q_offset, scale):
 )
 def test_matches_definition(hq, hkv, groups, nq, q_offset):
     torch.manual_seed(hq * 100 + nq + q_offset)
-    config = ProxyAttnConfig(block_size=16, stride=4, proxy_groups=groups)
+    config = ProxyAttnConfig(dense_below_tokens=0, block_size=16, stride=4, proxy_groups=groups)
     q = torch.randn(2, hq, nq, 32)
     k = torch.randn(2, hkv, q_offset + nq, 32)
     scale = 1.0 / math.sqrt(32)
@@ -52,7 +52,7 @@ def test_matches_definition(hq, hkv, groups, nq, q_offset):
 
 def test_rows_are_distributions_over_causal_blocks():
     torch.manual_seed(1)
-    config = ProxyAttnConfig(block_size=16, proxy_groups=1)
+    config = ProxyAttnConfig(dense_below_tokens=0, block_size=16, proxy_groups=1)
     q, k = torch.randn(1, 4, 64, 16), torch.randn(1, 2, 96, 16)
     scores = estimate_block_scores_meanpool(q, k, config, q_offset=32)
     for m in range(4):
@@ -66,7 +66,7 @@ def test_chunk_scores_are_rows_of_the_whole_prompt():
     """Pooled queries of a block do not depend on other blocks, so a chunk's rows equal the
     corresponding rows of a single-chunk estimate."""
     torch.manual_seed(2)
-    config = ProxyAttnConfig(block_size=16, proxy_groups=1)
+    config = ProxyAttnConfig(dense_below_tokens=0, block_size=16, proxy_groups=1)
     q, k = torch.randn(1, 4, 96, 16), torch.randn(1, 2, 96, 16)
     whole = estimate_block_scores_meanpool(q, k, config, q_offset=0)
     chunk = estimate_block_scores_meanpool(q[:, :, 48:], k, config, q_offset=48)
@@ -76,7 +76,7 @@ def test_chunk_scores_are_rows_of_the_whole_prompt():
 def test_planted_block_ranks_first():
     """A key block whose keys all align with every query outranks the others (sinks aside)."""
     torch.manual_seed(3)
-    config = ProxyAttnConfig(block_size=16, proxy_groups=1)
+    config = ProxyAttnConfig(dense_below_tokens=0, block_size=16, proxy_groups=1)
     direction = torch.randn(16)
     q = 0.1 * torch.randn(1, 2, 128, 16) + direction
     k = 0.1 * torch.randn(1, 1, 128, 16)
@@ -87,7 +87,9 @@ def test_planted_block_ranks_first():
 
 def test_proxy_attention_routes_meanpool_and_keeps_budgets():
     torch.manual_seed(4)
-    config = ProxyAttnConfig(block_size=16, gamma=0.8, min_budget_tokens=16, estimator="meanpool")
+    config = ProxyAttnConfig(
+        dense_below_tokens=0, block_size=16, gamma=0.8, min_budget_tokens=16, estimator="meanpool"
+    )
     q, k, v = torch.randn(1, 4, 128, 16), torch.randn(1, 2, 128, 16), torch.randn(1, 2, 128, 16)
     out, stats = api.proxy_attention(q, k, v, config, backend="torch", return_stats=True)
 

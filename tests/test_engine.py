@@ -54,7 +54,7 @@ def build_pair(kind: str = "llama", attention: str = "dense", config: ProxyAttnC
     model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg)).eval()
     stock = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
     stock.load_state_dict(model.state_dict())
-    config = config or ProxyAttnConfig(block_size=BLOCK, stride=4, min_budget_tokens=0)
+    config = config or ProxyAttnConfig(dense_below_tokens=0, block_size=BLOCK, stride=4, min_budget_tokens=0)
     engine = PrefillEngine.from_model(model, model_id=f"tiny-{kind}", attention=attention, config=config)
     return engine, stock
 
@@ -241,7 +241,12 @@ def test_bad_tokens_are_refused_before_compute(llama_pair, token_ids, message):
         (dict(logits=[0, 10]), "logit position 10 is outside the prompt"),
         (dict(logits="first"), "logits must be"),
         (dict(attention="sparse"), "attention must be one of"),
-        (dict(config=ProxyAttnConfig(block_size=16, proxy_groups=4), attention="proxy"), "must divide"),
+        (
+            dict(
+                config=ProxyAttnConfig(dense_below_tokens=0, block_size=16, proxy_groups=4), attention="proxy"
+            ),
+            "must divide",
+        ),
         (dict(fixed_density=1.5), "fixed_density"),
     ],
 )
@@ -324,7 +329,7 @@ def test_dense_causal_attention_matches_reference(q_offset, nq):
 def test_cuda_split_merge_logic_on_cpu(monkeypatch, q_offset, nq, hq, hkv):
     """The CUDA dense path (prefix with stacked query heads + own square, merged by LSE) checked on
     the CPU by standing in an exact float64 (out, lse) attention for the cuDNN op."""
-    import proxyprefill.workers.attention as attention_mod
+    import proxyprefill.kernels.dense as attention_mod
 
     def exact_lse_attention(q, k, v, causal, scale):
         logits = (q.double() @ k.double().transpose(-1, -2)) * scale

@@ -94,7 +94,7 @@ def continue_greedy(model, result, steps: int) -> list[int]:
 
 
 def proxy_config(gamma: float) -> ProxyAttnConfig:
-    return ProxyAttnConfig(block_size=64, stride=4, gamma=gamma, min_budget_tokens=0)
+    return ProxyAttnConfig(dense_below_tokens=0, block_size=64, stride=4, gamma=gamma, min_budget_tokens=0)
 
 
 def test_model_info_describes_smollm2(smollm2_engine):

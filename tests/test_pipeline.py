@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 NUM_LAYERS = 4
 PROMPT = 320  # 10 blocks of 32: with a 1-block budget the last rows skip most causal blocks
 CHUNK = 64
-SPARSE = ProxyAttnConfig(block_size=32, stride=4, gamma=0.5, min_budget_tokens=32)
+SPARSE = ProxyAttnConfig(dense_below_tokens=0, block_size=32, stride=4, gamma=0.5, min_budget_tokens=32)
 
 
 def tiny_llama(path):

@@ -127,7 +127,7 @@ def rel_err(a, b):
     ],
 )
 def test_block_scores_match_brute_force(b, hq, hkv, g, nq, q_offset, d):
-    cfg = ProxyAttnConfig(block_size=16, stride=4, proxy_groups=g)
+    cfg = ProxyAttnConfig(dense_below_tokens=0, block_size=16, stride=4, proxy_groups=g)
     q, k, _ = make_qkv(b, hq, hkv, nq, d, q_offset, seed=1)
     got = estimate_block_scores(q, k, cfg, q_offset=q_offset, backend="torch")
     want = brute_block_scores(q, k, cfg, q_offset)
@@ -139,7 +139,7 @@ def test_block_scores_match_brute_force(b, hq, hkv, g, nq, q_offset, d):
 
 def test_block_scores_stride_one_is_token_level_max():
     """With stride 1 every query and key counts; the block score is the plain tile max."""
-    cfg = ProxyAttnConfig(block_size=16, stride=1)
+    cfg = ProxyAttnConfig(dense_below_tokens=0, block_size=16, stride=1)
     q, k, _ = make_qkv(1, 2, 1, 40, 8, seed=2)
     got = estimate_block_scores(q, k, cfg, backend="torch")
     torch.testing.assert_close(got, brute_block_scores(q, k, cfg, 0).float(), rtol=1e-5, atol=1e-7)
@@ -151,7 +151,7 @@ def test_block_scores_stride_one_is_token_level_max():
 @pytest.mark.parametrize("gamma", [0.5, 0.8, 0.95])
 @pytest.mark.parametrize("hq,hkv,nq,q_offset", [(4, 4, 80, 0), (6, 2, 48, 32), (7, 1, 64, 64)])
 def test_last_block_budget_is_minimal_cumulative_mass(gamma, hq, hkv, nq, q_offset):
-    cfg = ProxyAttnConfig(block_size=16, gamma=gamma, min_budget_tokens=0)
+    cfg = ProxyAttnConfig(dense_below_tokens=0, block_size=16, gamma=gamma, min_budget_tokens=0)
     q, k, _ = make_qkv(1, hq, hkv, nq, 16, q_offset, seed=3)
     q = q * 3  # sharper attention so budgets vary between heads
     got = ref.last_block_budgets(q, k, cfg, q_offset)
@@ -159,7 +159,7 @@ def test_last_block_budget_is_minimal_cumulative_mass(gamma, hq, hkv, nq, q_offs
 
 
 def test_gamma_one_keeps_every_block_with_mass():
-    cfg = ProxyAttnConfig(block_size=16, gamma=1.0, min_budget_tokens=0)
+    cfg = ProxyAttnConfig(dense_below_tokens=0, block_size=16, gamma=1.0, min_budget_tokens=0)
     q, k, _ = make_qkv(1, 2, 1, 64, 16, seed=4)
     assert torch.equal(ref.last_block_budgets(q, k, cfg), torch.full((1, 2), 4))
 
@@ -171,7 +171,7 @@ def _causal(mq, q_offset, bs):
 @pytest.mark.parametrize("rule", ["fixed", "scaled"])
 def test_row_rules(rule):
     bs, q_offset, nq = 16, 32, 96
-    cfg = ProxyAttnConfig(block_size=bs, gamma=0.7, min_budget_tokens=32, row_rule=rule)
+    cfg = ProxyAttnConfig(dense_below_tokens=0, block_size=bs, gamma=0.7, min_budget_tokens=32, row_rule=rule)
     q, k, _ = make_qkv(1, 4, 2, nq, 16, q_offset, seed=5)
     q = q * 3
     last = brute_last_block_budget(q, k, cfg, q_offset)  # [1, 4]
@@ -188,7 +188,9 @@ def test_row_rules(rule):
 
 def test_power_policy_budget():
     bs, nq, q_offset = 16, 100, 64
-    cfg = ProxyAttnConfig(block_size=bs, budget="power", alpha=2.0, exponent=0.5, min_budget_tokens=0)
+    cfg = ProxyAttnConfig(
+        dense_below_tokens=0, block_size=bs, budget="power", alpha=2.0, exponent=0.5, min_budget_tokens=0
+    )
     q, k, _ = make_qkv(1, 2, 1, nq, 8, q_offset, seed=6)
     got = head_budgets(q, k, cfg, q_offset=q_offset, backend="torch")
     for m in range(math.ceil(nq / bs)):
@@ -198,7 +200,9 @@ def test_power_policy_budget():
 
 
 def test_gamma_plus_power_is_the_larger_of_both():
-    cfg = ProxyAttnConfig(block_size=16, gamma=0.5, min_budget_tokens=0, alpha=3.0, exponent=0.6)
+    cfg = ProxyAttnConfig(
+        dense_below_tokens=0, block_size=16, gamma=0.5, min_budget_tokens=0, alpha=3.0, exponent=0.6
+    )
     q, k, _ = make_qkv(1, 4, 2, 128, 16, 0, seed=7)
     q = q * 4  # peaked attention: small gamma budgets, which the power budget overtakes late
     both = head_budgets(q, k, cfg.replace(budget="gamma+power"), backend="torch")
@@ -209,7 +213,7 @@ def test_gamma_plus_power_is_the_larger_of_both():
 
 
 def test_min_budget_floor_and_causal_clamp():
-    cfg = ProxyAttnConfig(block_size=16, gamma=0.1, min_budget_tokens=48)  # 3 blocks
+    cfg = ProxyAttnConfig(dense_below_tokens=0, block_size=16, gamma=0.1, min_budget_tokens=48)  # 3 blocks
     q, k, _ = make_qkv(1, 2, 1, 96, 16, seed=8)
     got = head_budgets(q, k, cfg, backend="torch")
     causal = _causal(6, 0, 16)
@@ -223,7 +227,13 @@ def test_min_budget_floor_and_causal_clamp():
 def test_mask_is_forced_union_top_k_and_nested(sink, local):
     bs, nq, q_offset, hq, hkv, g = 16, 112, 48, 6, 3, 3
     cfg = ProxyAttnConfig(
-        block_size=bs, gamma=0.6, min_budget_tokens=0, proxy_groups=g, sink_blocks=sink, local_blocks=local
+        dense_below_tokens=0,
+        block_size=bs,
+        gamma=0.6,
+        min_budget_tokens=0,
+        proxy_groups=g,
+        sink_blocks=sink,
+        local_blocks=local,
     )
     q, k, _ = make_qkv(2, hq, hkv, nq, 16, q_offset, seed=9)
     q = q * 2
@@ -276,7 +286,7 @@ def test_causal_sparsity_counts_the_lower_triangle_only():
 )
 def test_block_sparse_attention_is_masked_dense_attention(b, hq, hkv, nq, q_offset, d):
     bs = 16
-    cfg = ProxyAttnConfig(block_size=bs, gamma=0.5, min_budget_tokens=0)
+    cfg = ProxyAttnConfig(dense_below_tokens=0, block_size=bs, gamma=0.5, min_budget_tokens=0)
     q, k, v = make_qkv(b, hq, hkv, nq, d, q_offset, seed=10)
     q = q * 2
     scores = estimate_block_scores(q, k, cfg, q_offset=q_offset, backend="torch")
@@ -291,7 +301,7 @@ def test_block_sparse_attention_is_masked_dense_attention(b, hq, hkv, nq, q_offs
 @pytest.mark.parametrize("d", [64, 128])
 def test_gamma_one_with_large_minimum_is_dense_sdpa(rep, d):
     hkv, nq = 2 if rep < 7 else 1, 200  # 200: not a multiple of the block size
-    cfg = ProxyAttnConfig(block_size=32, gamma=1.0, min_budget_tokens=1 << 20)
+    cfg = ProxyAttnConfig(dense_below_tokens=0, block_size=32, gamma=1.0, min_budget_tokens=1 << 20)
     q, k, v = make_qkv(2, hkv * rep, hkv, nq, d, seed=11)
     out, stats = proxy_attention(q, k, v, cfg, backend="torch", return_stats=True)
     want = torch.nn.functional.scaled_dot_product_attention(
@@ -312,6 +322,7 @@ def test_chunked_calls_equal_rows_of_the_full_call_when_budgets_match(budget, ro
     """
     bs, n, split = 16, 96, 48
     cfg = ProxyAttnConfig(
+        dense_below_tokens=0,
         block_size=bs,
         gamma=0.6,
         min_budget_tokens=0,
@@ -338,7 +349,7 @@ def test_chunked_calls_equal_rows_of_the_full_call_when_budgets_match(budget, ro
 
 
 def test_chunked_proxy_attention_equals_dense_rows_at_gamma_one():
-    cfg = ProxyAttnConfig(block_size=16, gamma=1.0, min_budget_tokens=1 << 20)
+    cfg = ProxyAttnConfig(dense_below_tokens=0, block_size=16, gamma=1.0, min_budget_tokens=1 << 20)
     q, k, v = make_qkv(2, 6, 2, 80, 32, seed=13)
     full = proxy_attention(q, k, v, cfg, backend="torch")
     parts = [
@@ -372,7 +383,7 @@ def test_sparse_output_is_finite_and_close_to_dense_on_peaked_attention():
     k = torch.randn(1, 1, n, d, generator=gen) * 0.1
     k[:, :, 72:76] = 40 * u  # a 4-token needle in block 2 that every later query likes
     v = torch.randn(1, 1, n, d, generator=gen)
-    cfg = ProxyAttnConfig(block_size=32, gamma=0.9, min_budget_tokens=0)
+    cfg = ProxyAttnConfig(dense_below_tokens=0, block_size=32, gamma=0.9, min_budget_tokens=0)
     out, stats = proxy_attention(q, k, v, cfg, backend="torch", return_stats=True)
     dense = torch.nn.functional.scaled_dot_product_attention(
         q, k.expand(1, 4, n, d), v.expand(1, 4, n, d), is_causal=True
@@ -384,5 +395,7 @@ def test_sparse_output_is_finite_and_close_to_dense_on_peaked_attention():
 
 def test_half_precision_inputs_keep_their_dtype():
     q, k, v = make_qkv(1, 2, 1, 64, 16, seed=16, dtype=torch.float16)
-    out = proxy_attention(q, k, v, ProxyAttnConfig(block_size=16, min_budget_tokens=0), backend="torch")
+    out = proxy_attention(
+        q, k, v, ProxyAttnConfig(dense_below_tokens=0, block_size=16, min_budget_tokens=0), backend="torch"
+    )
     assert out.dtype == torch.float16 and torch.isfinite(out).all()

@@ -30,6 +30,7 @@ def problems(draw):
     q_offset = bs * draw(st.integers(0, 3))
     nq = draw(st.integers(1, 3 * bs + 7))
     cfg = ProxyAttnConfig(
+        dense_below_tokens=0,
         block_size=bs,
         stride=stride,
         proxy_groups=groups,

@@ -63,7 +63,7 @@ def make_qkv(b, hq, hkv, nq, d, q_offset=0, seed=0, dtype=torch.float32):
 def random_index(b, hq, g, nq, nk, bs, q_offset, seed, cfg=None):
     """An index built by the reference from random scores and random per-(head,row) budgets."""
     gen = torch.Generator().manual_seed(seed)
-    cfg = cfg or ProxyAttnConfig(block_size=bs, min_budget_tokens=0)
+    cfg = cfg or ProxyAttnConfig(dense_below_tokens=0, block_size=bs, min_budget_tokens=0)
     mq, nkb = math.ceil(nq / bs), math.ceil(nk / bs)
     causal = q_offset // bs + torch.arange(mq) + 1
     scores = torch.rand(b, g, mq, nkb, generator=gen)
@@ -128,7 +128,15 @@ def test_sparse_attention_reads_non_contiguous_inputs():
     k = torch.randn(b, nq, hkv, d, generator=gen).transpose(1, 2)
     v = torch.randn(b, nq, hkv, d, generator=gen).transpose(1, 2)
     index = random_index(
-        b, hq, 1, nq, nq, bs, 0, seed=5, cfg=ProxyAttnConfig(block_size=bs, min_budget_tokens=bs)
+        b,
+        hq,
+        1,
+        nq,
+        nq,
+        bs,
+        0,
+        seed=5,
+        cfg=ProxyAttnConfig(dense_below_tokens=0, block_size=bs, min_budget_tokens=bs),
     )
     out, lse = tb.block_sparse_attention(q, k, v, index)
     ref_out, ref_lse = ref.block_sparse_attention(q, k, v, index)
@@ -150,7 +158,7 @@ SCORE_CASES = [
 @pytest.mark.parametrize("b,hq,hkv,g,nq,q_offset,d,bs,stride", SCORE_CASES)
 def test_block_scores_match_reference(b, hq, hkv, g, nq, q_offset, d, bs, stride):
     q, k, _ = make_qkv(b, hq, hkv, nq, d, q_offset, seed=11)
-    cfg = ProxyAttnConfig(block_size=bs, stride=stride, proxy_groups=g)
+    cfg = ProxyAttnConfig(dense_below_tokens=0, block_size=bs, stride=stride, proxy_groups=g)
     got = tb.estimate_block_scores(q, k, cfg, q_offset)
     want = ref.estimate_block_scores(q, k, cfg, q_offset)
     assert got.dtype == torch.float32 and got.shape == want.shape
@@ -161,7 +169,7 @@ def test_block_scores_match_reference(b, hq, hkv, g, nq, q_offset, d, bs, stride
 
 def test_block_scores_float16_close_to_reference():
     q, k, _ = make_qkv(1, 4, 2, 96, 32, 32, seed=2, dtype=torch.float16)
-    cfg = ProxyAttnConfig(block_size=32, stride=4)
+    cfg = ProxyAttnConfig(dense_below_tokens=0, block_size=32, stride=4)
     got = tb.estimate_block_scores(q, k, cfg, 32)
     want = ref.estimate_block_scores(q, k, cfg, 32)
     finite = torch.isfinite(want)
@@ -179,7 +187,13 @@ def test_head_budgets_match_reference(budget, row_rule, gamma, q_offset, nq):
     # a sharper distribution than randn gives budgets well inside (0, causal blocks)
     q = q * 3
     cfg = ProxyAttnConfig(
-        block_size=16, gamma=gamma, budget=budget, row_rule=row_rule, min_budget_tokens=16, alpha=0.5
+        dense_below_tokens=0,
+        block_size=16,
+        gamma=gamma,
+        budget=budget,
+        row_rule=row_rule,
+        min_budget_tokens=16,
+        alpha=0.5,
     )
     got = tb.head_budgets(q, k, cfg, q_offset)
     want = ref.head_budgets(q, k, cfg, q_offset)
@@ -191,10 +205,10 @@ def test_last_block_budgets_span_a_range_and_match():
     q, k, _ = make_qkv(1, 4, 1, 128, 32, 0, seed=4)
     q = q * torch.tensor([0.1, 1.0, 3.0, 6.0])[None, :, None, None]  # flat ... peaked heads
     for gamma in (0.5, 0.8, 0.95, 1.0):
-        cfg = ProxyAttnConfig(block_size=16, gamma=gamma)
+        cfg = ProxyAttnConfig(dense_below_tokens=0, block_size=16, gamma=gamma)
         got = tb.last_block_budgets(q, k, cfg)
         assert torch.equal(got, ref.last_block_budgets(q, k, cfg))
-    spread = tb.last_block_budgets(q, k, ProxyAttnConfig(block_size=16, gamma=0.8))
+    spread = tb.last_block_budgets(q, k, ProxyAttnConfig(dense_below_tokens=0, block_size=16, gamma=0.8))
     assert len(set(spread.flatten().tolist())) > 1
 
 
@@ -212,6 +226,7 @@ def test_build_block_mask_matches_reference_with_ties(seed):
     q_offset = bs * int(torch.randint(0, 5, (1,), generator=gen))
     nkb = q_offset // bs + mq
     cfg = ProxyAttnConfig(
+        dense_below_tokens=0,
         block_size=bs,
         sink_blocks=int(torch.randint(0, 3, (1,), generator=gen)),
         local_blocks=int(torch.randint(1, 4, (1,), generator=gen)),
@@ -245,7 +260,7 @@ def interpreted_dispatch(monkeypatch):
 def test_proxy_attention_triton_matches_torch_backend(interpreted_dispatch, dtype):
     q, k, v = make_qkv(1, 4, 2, 100, 32, 64, seed=9, dtype=dtype)
     q = q * 2
-    cfg = ProxyAttnConfig(block_size=16, min_budget_tokens=16, gamma=0.8)
+    cfg = ProxyAttnConfig(dense_below_tokens=0, block_size=16, min_budget_tokens=16, gamma=0.8)
     out, stats = kernels.proxy_attention(q, k, v, cfg, q_offset=64, backend="triton", return_stats=True)
     ref_out, ref_stats = kernels.proxy_attention(
         q, k, v, cfg, q_offset=64, backend="torch", return_stats=True
@@ -268,7 +283,7 @@ def test_auto_backend_on_cpu_uses_the_reference(monkeypatch):
 
     monkeypatch.setitem(sys.modules, BACKEND_NAME, Trap())
     q, k, v = make_qkv(1, 2, 1, 40, 16, 0, seed=1)
-    cfg = ProxyAttnConfig(block_size=16, min_budget_tokens=16)
+    cfg = ProxyAttnConfig(dense_below_tokens=0, block_size=16, min_budget_tokens=16)
     out = kernels.proxy_attention(q, k, v, cfg, backend="auto")
     assert torch.allclose(out, kernels.proxy_attention(q, k, v, cfg, backend="torch"))
 
