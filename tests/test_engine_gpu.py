@@ -67,7 +67,7 @@ def cuda_pair():
     stock = LlamaForCausalLM(copy.deepcopy(cfg)).to("cuda", torch.bfloat16).eval()
     stock.load_state_dict(model.state_dict())
     stock.set_attn_implementation("sdpa")
-    config = ProxyAttnConfig(block_size=128, min_budget_tokens=0)
+    config = ProxyAttnConfig(dense_below_tokens=0, block_size=128, min_budget_tokens=0)
     return PrefillEngine.from_model(model, model_id="tiny-cuda", config=config), stock
 
 

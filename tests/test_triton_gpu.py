@@ -36,7 +36,7 @@ def make_qkv(b, hq, hkv, nq, d, q_offset, dtype, seed):
 def random_index(b, hq, g, nq, nk, bs, q_offset, density, seed):
     """Random scores, budgets ~ density x the row's causal blocks, forced sink + diagonal."""
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    cfg = ProxyAttnConfig(block_size=bs, min_budget_tokens=0)
+    cfg = ProxyAttnConfig(dense_below_tokens=0, block_size=bs, min_budget_tokens=0)
     mq, nkb = math.ceil(nq / bs), math.ceil(nk / bs)
     causal = q_offset // bs + torch.arange(mq, device=DEVICE) + 1
     scores = torch.rand(b, g, mq, nkb, generator=gen, device=DEVICE)
@@ -101,7 +101,7 @@ def test_dense_index_matches_sdpa():
 @pytest.mark.parametrize("q_offset,nq,g", [(0, 8192, 1), (4096, 2048 + 100, 2)])
 def test_estimation_against_reference(q_offset, nq, g):
     q, k, _ = make_qkv(1, 32, 8, nq, 128, q_offset, torch.bfloat16, seed=q_offset + nq)
-    cfg = ProxyAttnConfig(proxy_groups=g, gamma=0.9, min_budget_tokens=0)
+    cfg = ProxyAttnConfig(dense_below_tokens=0, proxy_groups=g, gamma=0.9, min_budget_tokens=0)
     scores = tb.estimate_block_scores(q, k, cfg, q_offset)
     want = ref.estimate_block_scores(q, k, cfg, q_offset)
     finite = torch.isfinite(want)
@@ -120,7 +120,7 @@ def test_estimation_against_reference(q_offset, nq, g):
 
 def test_proxy_attention_auto_uses_triton_without_host_sync():
     q, k, v = make_qkv(1, 32, 8, 8192, 128, 0, torch.bfloat16, seed=5)
-    cfg = ProxyAttnConfig(gamma=0.9, min_budget_tokens=1024)
+    cfg = ProxyAttnConfig(dense_below_tokens=0, gamma=0.9, min_budget_tokens=1024)
     kernels.proxy_attention(q, k, v, cfg, backend="auto")  # compile outside the sync check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
