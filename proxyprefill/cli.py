@@ -174,12 +174,14 @@ def cmd_demo(args) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     # SmolLM2 is a fair judge up to ~4k tokens; a 256-token minimum budget lets ProxyAttn skip blocks
-    # at that length (the 2048-token default would keep most rows dense).
+    # at that length (the 2048-token default would keep most rows dense), and the dense fallback is
+    # off (its default, the H100 crossover at 8k tokens, would keep this whole prompt dense).
     config = config_mod.load(
         environ={},
         listen="127.0.0.1:0",
         min_budget_tokens=args.min_budget_tokens,
         min_budget_tokens_floor=min(128, args.min_budget_tokens),
+        dense_below_tokens=0,
     )
     text, source = demo_document()
     print(f"document: {source} ({len(text)} characters)")

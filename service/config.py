@@ -55,6 +55,9 @@ class ServerConfig:
     gamma: float = 0.95
     min_budget_tokens: int = 2048
     stride: int = 4
+    # contexts this short run dense; None = ProxyAttnConfig's default (the H100 crossover, 8192),
+    # which keeps an 8k-context model such as SmolLM2 dense: set 0 on CPU to see sparsity
+    dense_below_tokens: int | None = None
     min_gamma: float = 0.5
     min_budget_tokens_floor: int = 128
     max_alpha: float = 64.0
@@ -79,7 +82,10 @@ class ServerConfig:
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def proxy_config(self) -> ProxyAttnConfig:
-        return ProxyAttnConfig(gamma=self.gamma, min_budget_tokens=self.min_budget_tokens, stride=self.stride)
+        extra = {} if self.dense_below_tokens is None else {"dense_below_tokens": self.dense_below_tokens}
+        return ProxyAttnConfig(
+            gamma=self.gamma, min_budget_tokens=self.min_budget_tokens, stride=self.stride, **extra
+        )
 
     @property
     def tls_enabled(self) -> bool:

@@ -169,6 +169,11 @@ class LeaseTable:
                     )
                 if reason == "released":
                     raise LeaseError(grpc.StatusCode.NOT_FOUND, "handle was released")
+                if reason == "lost":
+                    raise LeaseError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        "the KV of this handle was lost with its worker (restarted); prefill again",
+                    )
                 raise LeaseError(grpc.StatusCode.NOT_FOUND, "unknown handle")
             if not hmac.compare_digest(lease.owner.encode(), owner.encode()):
                 raise LeaseError(grpc.StatusCode.PERMISSION_DENIED, "handle belongs to another caller")
@@ -195,6 +200,13 @@ class LeaseTable:
             for lease in expired:
                 self._forget(lease.handle, "expired")
         return expired
+
+    def lose(self, handle: str) -> Lease | None:
+        """Forgets a lease whose KV is gone from its worker (the worker died and restarted)."""
+        with self._lock:
+            lease = self._leases.get(handle)
+            self._forget(handle, "lost")
+        return lease
 
     def drain_all(self) -> list[Lease]:
         with self._lock:

@@ -518,6 +518,8 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                     raise _WorkerGone()
                 yield item
         except _WorkerGone:
+            self.leases.lose(handle)
+            self._update_gauges()
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "the KV is no longer on its worker (restarted); prefill again",

@@ -34,7 +34,13 @@ BOB = "bob-token-0123456789abcd"
 
 
 def _config(**overrides):
-    values = dict(listen="127.0.0.1:0", min_budget_tokens=256, min_budget_tokens_floor=128, num_workers=2)
+    values = dict(
+        listen="127.0.0.1:0",
+        min_budget_tokens=256,
+        min_budget_tokens_floor=128,
+        num_workers=2,
+        dense_below_tokens=0,
+    )
     values.update(overrides)
     return config_mod.load(environ={}, **values)
 
@@ -553,3 +559,31 @@ def test_serve_command_drains_and_exits_on_sigterm(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_worker_lost_mid_prefill_answers_unavailable_and_recovers(service, client, pool):
+    """Runs last in this module: it kills a worker, which Ray restarts (reloading the model)."""
+    handle = client.prefill(token_ids=list(range(10, 60)), chunk_size=128).handle
+    victim = pool.names.index(handle.worker)
+    call = _long_call(client, kv="none")
+    accepted = next(iter(call)).accepted
+    target = pool.names.index(accepted.worker)
+    ray.kill(pool.actors[target], no_restart=False)
+    error = status_of(lambda: list(call))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    if target == victim:  # its KV died with it: the handle says so, and no longer counts as held
+        codes = []
+
+        def settled():  # UNAVAILABLE (retryable) while the worker restarts, then the verdict
+            codes.append(status_of(lambda: client.fetch_kv(handle.handle, timeout=60)).code())
+            return codes[-1] != grpc.StatusCode.UNAVAILABLE
+
+        assert _wait_for(settled, seconds=120)
+        assert codes[-1] == grpc.StatusCode.FAILED_PRECONDITION
+        assert status_of(lambda: client.renew(handle.handle)).code() == grpc.StatusCode.FAILED_PRECONDITION
+    else:
+        client.release(handle.handle)
+    assert _wait_for(lambda: ray.get(pool.stats(target), timeout=120) is not None, seconds=120)
+    outcome = client.prefill(token_ids=[3] * 200, kv="none", timeout=120)
+    assert outcome.summary.num_tokens == 200
+    assert_healthy_and_clean(service, client, pool)

@@ -138,6 +138,12 @@ def test_lease_lifecycle_codes():
         table.get(other.handle, "alice")
     assert caught.value.code == grpc.StatusCode.NOT_FOUND and "released" in caught.value.message
 
+    lost = _lease(table)
+    assert table.lose(lost.handle) is lost and table.held_bytes == 0
+    with pytest.raises(LeaseError) as caught:
+        table.get(lost.handle, "alice")
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION and "lost" in caught.value.message
+
 
 def test_memory_cap_counts_held_and_reserved_bytes():
     table = LeaseTable(cap_bytes=1000, default_seconds=10, max_seconds=60)
