@@ -81,7 +81,7 @@ class ProxyAttnSettings(_message.Message):
     def __init__(self, mode: _Optional[_Union[AttentionMode, str]] = ..., gamma: _Optional[float] = ..., min_budget_tokens: _Optional[int] = ..., stride: _Optional[int] = ..., budget: _Optional[str] = ..., alpha: _Optional[float] = ..., exponent: _Optional[float] = ..., dense_below_tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "tokens", "text", "add_special_tokens", "returns", "chunk_size", "attention")
+    __slots__ = ("request_id", "tokens", "text", "add_special_tokens", "returns", "chunk_size", "attention", "pipeline_stages")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,7 @@ class PrefillRequest(_message.Message):
     RETURNS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_STAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tokens: TokenIds
     text: str
@@ -96,21 +97,24 @@ class PrefillRequest(_message.Message):
     returns: ReturnOptions
     chunk_size: int
     attention: ProxyAttnSettings
-    def __init__(self, request_id: _Optional[str] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., text: _Optional[str] = ..., add_special_tokens: _Optional[bool] = ..., returns: _Optional[_Union[ReturnOptions, _Mapping]] = ..., chunk_size: _Optional[int] = ..., attention: _Optional[_Union[ProxyAttnSettings, _Mapping]] = ...) -> None: ...
+    pipeline_stages: int
+    def __init__(self, request_id: _Optional[str] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., text: _Optional[str] = ..., add_special_tokens: _Optional[bool] = ..., returns: _Optional[_Union[ReturnOptions, _Mapping]] = ..., chunk_size: _Optional[int] = ..., attention: _Optional[_Union[ProxyAttnSettings, _Mapping]] = ..., pipeline_stages: _Optional[int] = ...) -> None: ...
 
 class Accepted(_message.Message):
-    __slots__ = ("request_id", "num_tokens", "queue_position", "pending_tokens", "worker")
+    __slots__ = ("request_id", "num_tokens", "queue_position", "pending_tokens", "worker", "pipeline_stages")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
     PENDING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_STAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     num_tokens: int
     queue_position: int
     pending_tokens: int
     worker: str
-    def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., queue_position: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., worker: _Optional[str] = ...) -> None: ...
+    pipeline_stages: int
+    def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., queue_position: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., worker: _Optional[str] = ..., pipeline_stages: _Optional[int] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("tokens_done", "total_tokens")
@@ -299,7 +303,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_prompt_tokens", "max_pending_tokens", "default_chunk_size", "min_chunk_size", "max_chunk_size", "default_lease_seconds", "max_lease_seconds", "kv_memory_cap_bytes", "max_kv_chunk_bytes", "max_logit_positions", "min_gamma", "min_budget_tokens_floor", "allowed_strides", "default_attention_mode")
+    __slots__ = ("max_prompt_tokens", "max_pending_tokens", "default_chunk_size", "min_chunk_size", "max_chunk_size", "default_lease_seconds", "max_lease_seconds", "kv_memory_cap_bytes", "max_kv_chunk_bytes", "max_logit_positions", "min_gamma", "min_budget_tokens_floor", "allowed_strides", "default_attention_mode", "max_pipeline_stages", "shard_above_tokens")
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_PENDING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -314,6 +318,8 @@ class ServerLimits(_message.Message):
     MIN_BUDGET_TOKENS_FLOOR_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_STRIDES_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_ATTENTION_MODE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PIPELINE_STAGES_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ABOVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_prompt_tokens: int
     max_pending_tokens: int
     default_chunk_size: int
@@ -328,7 +334,9 @@ class ServerLimits(_message.Message):
     min_budget_tokens_floor: int
     allowed_strides: _containers.RepeatedScalarFieldContainer[int]
     default_attention_mode: str
-    def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_pending_tokens: _Optional[int] = ..., default_chunk_size: _Optional[int] = ..., min_chunk_size: _Optional[int] = ..., max_chunk_size: _Optional[int] = ..., default_lease_seconds: _Optional[int] = ..., max_lease_seconds: _Optional[int] = ..., kv_memory_cap_bytes: _Optional[int] = ..., max_kv_chunk_bytes: _Optional[int] = ..., max_logit_positions: _Optional[int] = ..., min_gamma: _Optional[float] = ..., min_budget_tokens_floor: _Optional[int] = ..., allowed_strides: _Optional[_Iterable[int]] = ..., default_attention_mode: _Optional[str] = ...) -> None: ...
+    max_pipeline_stages: int
+    shard_above_tokens: int
+    def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_pending_tokens: _Optional[int] = ..., default_chunk_size: _Optional[int] = ..., min_chunk_size: _Optional[int] = ..., max_chunk_size: _Optional[int] = ..., default_lease_seconds: _Optional[int] = ..., max_lease_seconds: _Optional[int] = ..., kv_memory_cap_bytes: _Optional[int] = ..., max_kv_chunk_bytes: _Optional[int] = ..., max_logit_positions: _Optional[int] = ..., min_gamma: _Optional[float] = ..., min_budget_tokens_floor: _Optional[int] = ..., allowed_strides: _Optional[_Iterable[int]] = ..., default_attention_mode: _Optional[str] = ..., max_pipeline_stages: _Optional[int] = ..., shard_above_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("model_id", "architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_position_embeddings", "dtype", "rope_theta", "rope_scaling_json", "eos_token_ids", "limits", "num_workers", "server_version")

@@ -205,10 +205,14 @@ class PrefillClient:
         request_id: str = "",
         include_token_ids: bool = False,
         add_special_tokens: bool = False,
+        pipeline_stages: int = 0,
         **proxy_settings,
     ) -> pb.PrefillRequest:
         request = pb.PrefillRequest(
-            request_id=request_id, chunk_size=chunk_size, add_special_tokens=add_special_tokens
+            request_id=request_id,
+            chunk_size=chunk_size,
+            add_special_tokens=add_special_tokens,
+            pipeline_stages=pipeline_stages,
         )
         if (token_ids is None) == (text is None):
             raise ValueError("give exactly one of token_ids and text")

@@ -4,6 +4,18 @@ Every field of `ServerConfig` can be set in each layer under its own name: `max_
 in a file, `PROXYPREFILL_MAX_PENDING_TOKENS` in the environment, `--max-pending-tokens` on the
 command line. `ServerConfig.check()` validates the merged result once, so a bad value fails at
 start-up with the field's name rather than at the first request.
+
+Sharded (pipeline) prefill. With `pipeline_workers` = S >= 2 the server starts S stage workers
+besides the replicas; each holds a contiguous range of layers and the KV of those layers, and a
+sharded request's chunks flow through them in turn (workers/pipeline.py). A request runs sharded
+when it asks for `pipeline_stages` = N >= 2 (at most S), or when it asks for 0 (the default), is
+longer than `shard_above_tokens`, and the planner (workers/planner.py: prompt length, model shape,
+free memory per stage, pending tokens) picks N >= 2. A request that fits on no split is refused
+with RESOURCE_EXHAUSTED before any work, naming the bytes it needs. `pipeline_stage_memory_bytes`
+caps what one stage may use for requests (its share of a GPU); 0 = the device's free memory. On a
+GPU cluster every stage takes one GPU: with num_workers = 0 the replicas get the GPUs the stages
+leave. The KV of a sharded request stays on the stages under the usual handle and lease, and
+FetchKV streams it from them in layer order.
 """
 
 from __future__ import annotations
@@ -50,6 +62,10 @@ class ServerConfig:
     worker_slots: int = 1  # prefills a worker runs at once
     ray_address: str | None = None  # None = start Ray in-process
     ray_num_cpus: int | None = None
+    # sharded (pipeline) prefill: one prompt over several stage workers, each holding a layer range
+    pipeline_workers: int = 0  # stage workers one sharded request may use; 0 = sharding off
+    shard_above_tokens: int = 65536  # longer prompts go to the planner (when pipeline_workers >= 2)
+    pipeline_stage_memory_bytes: int = 0  # memory a stage may use for requests; 0 = its free memory
 
     # ProxyAttn defaults and the bounds a client may choose within
     gamma: float = 0.95
@@ -111,6 +127,10 @@ class ServerConfig:
             "must be float32/float16/bfloat16",
         )
         need(self.num_workers >= 0, "num_workers", "must be >= 0")
+        need(self.pipeline_workers >= 0, "pipeline_workers", "must be >= 0 (0 = sharding off)")
+        need(self.pipeline_workers != 1, "pipeline_workers", "must be 0 (off) or >= 2 stages")
+        need(self.shard_above_tokens >= 1, "shard_above_tokens", "must be >= 1")
+        need(self.pipeline_stage_memory_bytes >= 0, "pipeline_stage_memory_bytes", "must be >= 0")
         need(self.worker_slots >= 1, "worker_slots", "must be >= 1")
         need(0.0 < self.min_gamma <= 1.0, "min_gamma", "must be in (0, 1]")
         need(self.min_gamma <= self.gamma <= 1.0, "gamma", "must be in [min_gamma, 1]")
@@ -201,11 +221,23 @@ def from_environment(environ: dict[str, str] | None = None) -> dict:
     return values
 
 
+_HELP = {
+    "pipeline_workers": "stage workers one sharded request may use (layer ranges); 0 = sharding off "
+    "(default). Requests force a count with pipeline_stages",
+    "shard_above_tokens": "prompts longer than this go to the planner, which may shard them over "
+    "the stage workers (default 65536)",
+    "pipeline_stage_memory_bytes": "memory one stage may use for requests; requests that fit no "
+    "split are refused with RESOURCE_EXHAUSTED (default 0 = the device's free memory)",
+}
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """Adds --config and one --flag per field (default: unset, so lower layers show through)."""
     parser.add_argument("--config", help="TOML or JSON file with ServerConfig fields")
     for name in _FIELDS:
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, metavar=name.upper())
+        parser.add_argument(
+            "--" + name.replace("_", "-"), dest=name, default=None, metavar=name.upper(), help=_HELP.get(name)
+        )
 
 
 def load(

@@ -630,6 +630,8 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                 min_budget_tokens_floor=limits.min_budget_tokens_floor,
                 allowed_strides=limits.allowed_strides,
                 default_attention_mode=limits.default_attention,
+                max_pipeline_stages=limits.max_pipeline_stages,
+                shard_above_tokens=config.shard_above_tokens,
             ),
         )
 

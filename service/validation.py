@@ -64,6 +64,7 @@ class Limits:
     min_gamma: float
     min_budget_tokens_floor: int
     max_alpha: float
+    max_pipeline_stages: int = 1  # 1 when the server does not shard requests
 
     @property
     def allowed_strides(self) -> list[int]:
@@ -89,6 +90,7 @@ class Limits:
             min_gamma=config.min_gamma,
             min_budget_tokens_floor=config.min_budget_tokens_floor,
             max_alpha=config.max_alpha,
+            max_pipeline_stages=max(1, config.pipeline_workers),
         )
 
 
@@ -104,6 +106,7 @@ class PrefillPlan:
     attention: str  # "proxy" | "dense"
     proxy_config: ProxyAttnConfig
     from_text: bool = False
+    pipeline_stages: int = 0  # 0 = the server's planner decides; N >= 1 forced by the request
     extra: dict = field(default_factory=dict)
 
     @property
@@ -156,6 +159,12 @@ def validate_prefill(
             f"chunk_size must be a multiple of the block size {proxy_config.block_size}, got {chunk_size}"
         )
 
+    if request.pipeline_stages > limits.max_pipeline_stages:
+        raise invalid(
+            f"pipeline_stages must be in [0, {limits.max_pipeline_stages}] (0 = the server decides), "
+            f"got {request.pipeline_stages}"
+        )
+
     return PrefillPlan(
         request_id=request_id,
         token_ids=token_ids,
@@ -167,6 +176,7 @@ def validate_prefill(
         attention=attention,
         proxy_config=proxy_config,
         from_text=from_text,
+        pipeline_stages=request.pipeline_stages,
     )
 
 
