@@ -43,3 +43,9 @@ def test_generated_modules_import_from_the_package():
         "ReleaseKV",
         "GetModelInfo",
     }
+
+
+def test_generated_code_accepts_the_oldest_supported_grpcio():
+    """The GPU machines run grpcio 1.84.0; generated code refuses runtimes older than its tools."""
+    grpc_module = (PROTO_DIR / "prefill_pb2_grpc.py").read_text()
+    assert "GRPC_GENERATED_VERSION = '1.84.0'" in grpc_module, "generate with grpcio-tools==1.84.0"
