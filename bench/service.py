@@ -37,7 +37,7 @@ CLIENT_SCRIPT = r"""
 import json, sys, time
 from proxyprefill.service.client import PrefillClient
 
-target, job = sys.argv[1], json.loads(sys.argv[2])
+target, job = sys.argv[1], json.loads(sys.stdin.read())  # stdin: long prompts overflow argv
 out = []
 with PrefillClient(target) as client:
     if job["kind"] == "fetch":
@@ -58,7 +58,8 @@ print(json.dumps(out))
 
 def run_client(target: str, job: dict) -> list:
     result = subprocess.run(
-        [sys.executable, "-c", CLIENT_SCRIPT, target, json.dumps(job)],
+        [sys.executable, "-c", CLIENT_SCRIPT, target],
+        input=json.dumps(job),
         capture_output=True,
         text=True,
         check=True,
