@@ -44,11 +44,16 @@ class _Worker:
 
 
 class Admission:
-    def __init__(self, num_workers: int, max_pending_tokens: int, slots_per_worker: int = 1):
-        if num_workers < 1:
-            raise ValueError("num_workers must be >= 1")
+    def __init__(
+        self, num_workers: int, max_pending_tokens: int, slots_per_worker: int = 1, dedicated_workers: int = 0
+    ):
+        """`dedicated_workers`: how many workers at the end of the list take only the requests
+        admitted to them by name (`admit(tokens, worker=i)`), such as the sharded route."""
+        if num_workers < 1 or not 0 <= dedicated_workers < num_workers:
+            raise ValueError("need num_workers >= 1 and 0 <= dedicated_workers < num_workers")
         self.max_pending_tokens = max_pending_tokens
         self._workers = [_Worker(asyncio.Semaphore(slots_per_worker)) for _ in range(num_workers)]
+        self._routable = num_workers - dedicated_workers
         self._closed = False
 
     @property
@@ -70,7 +75,9 @@ class Admission:
         """Refuse every later admission (draining)."""
         self._closed = True
 
-    def admit(self, tokens: int) -> Ticket:
+    def admit(self, tokens: int, worker: int | None = None) -> Ticket:
+        """Admits a request to `worker`, or (None) to the routable worker with the fewest pending
+        tokens."""
         if self._closed:
             raise AdmissionError(grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another replica")
         pending = self.pending_tokens
@@ -80,12 +87,14 @@ class Admission:
                 f"server busy: {pending} prompt tokens pending, this prompt has {tokens}, "
                 f"the limit is {self.max_pending_tokens}; retry later",
             )
-        index = min(range(len(self._workers)), key=lambda i: (self._workers[i].pending_tokens, i))
-        worker = self._workers[index]
-        worker.pending_tokens += tokens
-        worker.waiting += 1
+        index = worker
+        if index is None:
+            index = min(range(self._routable), key=lambda i: (self._workers[i].pending_tokens, i))
+        chosen = self._workers[index]
+        chosen.pending_tokens += tokens
+        chosen.waiting += 1
         ticket = Ticket(
-            index, tokens, queue_position=worker.waiting - 1 + worker.running, pending_tokens=pending + tokens
+            index, tokens, queue_position=chosen.waiting - 1 + chosen.running, pending_tokens=pending + tokens
         )
         return ticket
 

@@ -14,7 +14,7 @@ import asyncio
 import threading
 
 from .config import ServerConfig
-from .server import PrefillServer, engine_kwargs
+from .server import PrefillServer, engine_kwargs, pool_kwargs
 
 
 class LocalService:
@@ -36,12 +36,7 @@ class LocalService:
         if self.pool is None:
             from proxyprefill.workers.ray_pool import WorkerPool
 
-            self.pool = WorkerPool.start(
-                engine_kwargs(self.config),
-                num_workers=self.config.num_workers,
-                ray_address=self.config.ray_address,
-                ray_num_cpus=self.config.ray_num_cpus,
-            )
+            self.pool = WorkerPool.start(engine_kwargs(self.config), **pool_kwargs(self.config))
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="proxyprefill-server", daemon=True)
         self._thread.start()

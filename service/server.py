@@ -48,6 +48,12 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 _SWEEP_SECONDS = 1.0
 
 _REQUEST_ERRORS = (RequestError, LeaseError, AdmissionError, AuthError)
+# a worker's {"kind": "error", "error": ...} item -> status (anything else: INTERNAL)
+_WORKER_ERROR_CODES = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 
 
 def kv_header_message(header: dict, last_token_id: int = -1) -> pb.KVHeader:
@@ -146,7 +152,13 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         self.leases = LeaseTable(
             config.kv_memory_cap_bytes, config.default_lease_seconds, config.max_lease_seconds
         )
-        self.admission = Admission(len(pool.actors), config.max_pending_tokens, config.worker_slots)
+        self.pipeline_index = getattr(pool, "pipeline_index", None)  # the sharded route, if any
+        self.admission = Admission(
+            len(pool.names),
+            config.max_pending_tokens,
+            config.worker_slots,
+            dedicated_workers=0 if self.pipeline_index is None else 1,
+        )
         self.auth = Authenticator.from_config(config)
         self.metrics = metrics or ServiceMetrics()
         self.health = health.aio.HealthServicer()
@@ -310,9 +322,10 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
 
         reservation = None
         try:
+            stages = await self._pipeline_stages(plan)
             if plan.kv_return != "none":
                 reservation = self.leases.reserve(self._kv_bytes_estimate(plan.num_tokens))
-            ticket = self.admission.admit(plan.num_tokens)
+            ticket = self.admission.admit(plan.num_tokens, self.pipeline_index if stages > 1 else None)
         except _REQUEST_ERRORS as error:
             if reservation is not None:
                 self.leases.cancel(reservation)
@@ -336,10 +349,11 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                     queue_position=ticket.queue_position,
                     pending_tokens=ticket.pending_tokens,
                     worker=worker_name,
+                    pipeline_stages=stages,
                 )
             )
             async for event in self._run_prefill(
-                plan, ticket, worker_name, principal, reservation, accepted_at
+                plan, ticket, worker_name, principal, reservation, accepted_at, stages
             ):
                 yield event
         except _REQUEST_ERRORS as error:
@@ -355,7 +369,44 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                 self.leases.cancel(reservation)
             self._update_gauges()
 
-    async def _run_prefill(self, plan: PrefillPlan, ticket, worker_name, principal, reservation, accepted_at):
+    async def _pipeline_stages(self, plan: PrefillPlan) -> int:
+        """How many pipeline stages the request runs over: what it forces, else 1 up to
+        shard_above_tokens, else the planner's choice. RESOURCE_EXHAUSTED, naming the bytes, when
+        it fits no split (before any work)."""
+        forced = plan.pipeline_stages
+        if self.pipeline_index is None or forced == 1:
+            return 1
+        if forced == 0 and plan.num_tokens <= self.config.shard_above_tokens:
+            return 1
+        pending = self.admission.worker_pending_tokens()[self.pipeline_index]
+        try:
+            decision = await self.pool.plan(
+                plan.num_tokens,
+                plan.chunk_size,
+                plan.num_logit_positions,
+                forced or None,
+                pending,
+                self.config.shard_above_tokens,
+            )
+        except Exception as error:
+            raise _ray_error(error) from None
+        if "refused" in decision:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{decision['refused']} [needs {decision['needed_bytes']} bytes, "
+                f"{decision['available_bytes']} bytes available]",
+            )
+        log.info(
+            "prefill request_id=%s planned over %d stage(s): %s",
+            plan.request_id,
+            decision["stages"],
+            decision["reason"],
+        )
+        return int(decision["stages"])
+
+    async def _run_prefill(
+        self, plan: PrefillPlan, ticket, worker_name, principal, reservation, accepted_at, stages=1
+    ):
         key = uuid.uuid4().hex
         keep_handle = new_handle() if plan.kv_return != "none" else None
         kept = False  # KV stored on the worker that no lease owns yet
@@ -365,6 +416,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             "attention": plan.attention,
             "config": plan.proxy_config.to_dict(),
             "keep_handle": keep_handle,
+            "stages": stages,  # read by the sharded route only
         }
         worker = ticket.worker
         try:
@@ -393,11 +445,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             if result is None or result["kind"] == "cancelled":
                 raise RequestError(grpc.StatusCode.CANCELLED, "prefill was cancelled on its worker")
             if result["kind"] == "error":
-                code = (
-                    grpc.StatusCode.INVALID_ARGUMENT
-                    if result["error"] == "invalid"
-                    else grpc.StatusCode.INTERNAL
-                )
+                code = _WORKER_ERROR_CODES.get(result["error"], grpc.StatusCode.INTERNAL)
                 raise RequestError(code, result["message"])
 
             for piece in self._logit_pieces(result):
@@ -516,6 +564,10 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                 item = await ref
                 if item["kind"] == "missing":
                     raise _WorkerGone()
+                if item["kind"] == "unavailable":  # a pipeline stage died mid-stream; the KV is gone
+                    self.leases.lose(handle)
+                    self._update_gauges()
+                    raise RequestError(grpc.StatusCode.UNAVAILABLE, item["message"])
                 yield item
         except _WorkerGone:
             self.leases.lose(handle)
@@ -677,17 +729,22 @@ def engine_kwargs(config: ServerConfig) -> dict:
     }
 
 
+def pool_kwargs(config: ServerConfig) -> dict:
+    """WorkerPool.start's options from the server's configuration."""
+    return {
+        "num_workers": config.num_workers,
+        "ray_address": config.ray_address,
+        "ray_num_cpus": config.ray_num_cpus,
+        "pipeline_workers": config.pipeline_workers,
+        "pipeline_stage_memory_bytes": config.pipeline_stage_memory_bytes,
+    }
+
+
 async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> None:
     """Runs the service until SIGTERM/SIGINT (then drains): local Ray unless ray_address is set."""
     from proxyprefill.workers.ray_pool import WorkerPool
 
-    pool = await asyncio.to_thread(
-        WorkerPool.start,
-        engine_kwargs(config),
-        num_workers=config.num_workers,
-        ray_address=config.ray_address,
-        ray_num_cpus=config.ray_num_cpus,
-    )
+    pool = await asyncio.to_thread(WorkerPool.start, engine_kwargs(config), **pool_kwargs(config))
     server = PrefillServer(config, pool)
     try:
         await server.start()

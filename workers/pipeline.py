@@ -275,15 +275,23 @@ class PipelineStage:
     def model_info(self) -> ModelInfo:
         return self.info
 
-    def begin(self, request_id: str, num_tokens: int, fixed_density: float | None = None) -> int:
-        """Preallocate the request's KV for this stage's layers; returns the bytes reserved."""
+    def begin(
+        self,
+        request_id: str,
+        num_tokens: int,
+        fixed_density: float | None = None,
+        attention: str | None = None,
+        config: dict | None = None,
+    ) -> int:
+        """Preallocate the request's KV for this stage's layers; returns the bytes reserved.
+        attention, config (ProxyAttnConfig fields): this request's, instead of the stage's."""
         info = self.info
         cache = PreallocatedKVCache(
             len(self.layers), info.num_kv_heads, num_tokens, info.head_dim, self.dtype, self.device
         )
         context = attention_mod.PrefillContext(
-            mode=self.spec.attention,
-            config=self.config,
+            mode=attention or self.spec.attention,
+            config=ProxyAttnConfig.from_dict(config) if config else self.config,
             num_layers=len(self.layers),
             num_heads=info.num_heads,
             device=self.device,
@@ -701,6 +709,8 @@ class ShardedPrefill:
         window: int | None = None,
         request_id: str | None = None,
         on_chunk_done: Callable[[int], None] | None = None,
+        attention: str | None = None,
+        config: ProxyAttnConfig | None = None,
     ) -> PrefillResult:
         """Prefill `token_ids` in chunks of `chunk_size` through all stages; a PrefillResult.
 
@@ -711,17 +721,21 @@ class ShardedPrefill:
         activations parked in the object store. A stage failure or the deadline releases the
         request's KV everywhere and raises StageUnavailableError; with retry=True the request runs
         once more after Ray has restarted the stage. `on_chunk_done(chunk)` is called as each chunk
-        leaves the last stage.
+        leaves the last stage. attention, config: this request's mode and ProxyAttnConfig
+        (default: the pipeline's).
 
         result.extra: request_id, timeline (PipelineTimeline), ttft_s (submission to the last
         chunk's logits), kv_bytes (reserved on the stages), attempts, layer_ranges.
         """
         tokens = self._check_tokens(token_ids)
+        mode, config = attention or self.attention, config or self.config
+        if mode not in attention_mod.MODES:
+            raise PrefillError(f"attention must be one of {attention_mod.MODES}, got {mode!r}")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
             raise PrefillError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-        if self.attention == "proxy" and chunk_size % self.config.block_size:
+        if mode == "proxy" and chunk_size % config.block_size:
             raise PrefillError(
-                f"chunk_size ({chunk_size}) must be a multiple of block_size ({self.config.block_size})"
+                f"chunk_size ({chunk_size}) must be a multiple of block_size ({config.block_size})"
             )
         if fixed_density is not None and not 0.0 < float(fixed_density) <= 1.0:
             raise PrefillError(f"fixed_density must be in (0, 1], got {fixed_density!r}")
@@ -740,6 +754,7 @@ class ShardedPrefill:
                     timeout_s,
                     window,
                     on_chunk_done,
+                    (mode, config),
                 )
             except StageUnavailableError:
                 if attempt == attempts:
@@ -770,7 +785,17 @@ class ShardedPrefill:
         return tokens
 
     def _run(
-        self, rid, tokens, chunk_size, positions, fixed_density, gather, timeout_s, window, on_chunk_done
+        self,
+        rid,
+        tokens,
+        chunk_size,
+        positions,
+        fixed_density,
+        gather,
+        timeout_s,
+        window,
+        on_chunk_done,
+        attention_settings=None,
     ):
         n = tokens.numel()
         window = window or 2 * self.num_stages
@@ -778,11 +803,13 @@ class ShardedPrefill:
         started = time.perf_counter()
         num_chunks = math.ceil(n / chunk_size)
         collective = self.transport == "collective"
+        mode, config = attention_settings or (self.attention, self.config)
         self._check_fits(n, chunk_size, len(positions), deadline)  # refuse before allocating anything
         try:
             if collective:
                 self._ensure_group(deadline)
-            reserved = self._get([s.begin.remote(rid, n, fixed_density) for s in self.stages], deadline)
+            begins = [s.begin.remote(rid, n, fixed_density, mode, config.to_dict()) for s in self.stages]
+            reserved = self._get(begins, deadline)
             outputs: list[torch.Tensor] = []
             pending: list[tuple[int, list]] = []
             for c in range(num_chunks):
@@ -855,7 +882,7 @@ class ShardedPrefill:
             peak_memory_bytes=None,
             header=KVHeader.for_model(info, num_tokens=n, token_sha256=token_ids_sha256(tokens)),
             chunk_size=chunk_size,
-            attention=self.attention,
+            attention=mode,
             extra={
                 "request_id": rid,
                 "timeline": PipelineTimeline(records, self.num_stages, num_chunks),

@@ -283,11 +283,21 @@ class WorkerPool:
     """The actors plus what the server needs to route to them. Methods return Ray refs or
     ObjectRefGenerators, which the server awaits / iterates asynchronously."""
 
-    def __init__(self, actors: list, descriptions: list[dict], owns_ray: bool):
-        self.actors = actors
+    def __init__(self, actors: list, descriptions: list[dict], owns_ray: bool, pipeline=None):
+        self.actors = actors  # the replicas, each holding the whole model
         self.descriptions = descriptions
         self.names = [d["worker"] for d in descriptions]
         self._owns_ray = owns_ray
+        # the sharded route (workers/pipeline_worker.py), addressed as one more worker after the
+        # replicas: index `pipeline_index`, name "pipeline"
+        self.pipeline = pipeline
+        self.pipeline_index: int | None = None
+        if pipeline is not None:
+            self.pipeline_index = len(actors)
+            self.names.append("pipeline")
+
+    def _actor(self, worker: int):
+        return self.pipeline if worker == self.pipeline_index else self.actors[worker]
 
     @classmethod
     def start(
@@ -297,9 +307,17 @@ class WorkerPool:
         ray_address: str | None = None,
         ray_num_cpus: int | None = None,
         max_concurrency: int = 64,
+        pipeline_workers: int = 0,
+        pipeline_stage_memory_bytes: int = 0,
+        stage_cpus: float = 0.5,
     ) -> WorkerPool:
         """Starts Ray in-process (or joins `ray_address`) unless it is already initialised, then
-        one actor per GPU, or `num_workers` (default 1) CPU actors when the cluster has no GPU."""
+        one actor per GPU, or `num_workers` (default 1) CPU actors when the cluster has no GPU.
+
+        pipeline_workers >= 2 also starts the sharded route: that many stage actors (one GPU
+        each; `stage_cpus` CPUs each on a CPU cluster), each capped at
+        `pipeline_stage_memory_bytes` for requests when that is set. The replicas then get the GPUs
+        (or CPUs) the stages leave."""
         import ray
 
         owns_ray = False
@@ -312,19 +330,43 @@ class WorkerPool:
             )
             owns_ray = True
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        count = num_workers or max(1, gpus)
+        stages = pipeline_workers if pipeline_workers >= 2 else 0
+        count = num_workers or max(1, gpus - stages)
         if gpus:
             per_actor = {"num_gpus": 1, "num_cpus": 1}
+            stage_options = {"num_gpus": 1, "num_cpus": 1}
         else:
             # CPU workers share the cores; Ray sets each actor's OMP/torch threads to its num_cpus
-            cpus = int(ray.cluster_resources().get("CPU", 1))
-            per_actor = {"num_cpus": max(1, cpus // count)}
+            cpus = ray.cluster_resources().get("CPU", 1)
+            per_actor = {"num_cpus": max(1, int(cpus - stages * stage_cpus) // count)}
+            stage_options = {"num_cpus": stage_cpus}
         actor_class = ray.remote(PrefillWorker).options(
             max_concurrency=max_concurrency, max_restarts=3, max_task_retries=0, **per_actor
         )
         actors = [actor_class.remote(f"worker-{i}", engine_kwargs) for i in range(count)]
         descriptions = ray.get([actor.describe.remote() for actor in actors])
-        return cls(actors, descriptions, owns_ray)
+        pipeline = None
+        if stages:
+            from .pipeline_worker import PipelineWorker
+
+            first = descriptions[0]
+            device = "cuda" if gpus else "cpu"
+            pipeline = (
+                ray.remote(PipelineWorker)
+                .options(max_concurrency=max_concurrency, max_restarts=3, max_task_retries=0, num_cpus=0)
+                .remote(
+                    "pipeline",
+                    engine_kwargs,
+                    stages,
+                    stage_options,
+                    device,
+                    first["dtype"],
+                    first["model_id"],
+                    pipeline_stage_memory_bytes,
+                )
+            )
+            ray.get(pipeline.describe.remote())  # stages started and their layers loaded
+        return cls(actors, descriptions, owns_ray, pipeline)
 
     @property
     def model_info(self) -> dict:
@@ -336,32 +378,48 @@ class WorkerPool:
         return ray.get(self.actors[0].tokenizer.remote())
 
     def prefill(self, worker: int, key: str, token_ids: np.ndarray, options: dict):
-        return self.actors[worker].prefill.options(num_returns="streaming").remote(key, token_ids, options)
+        return self._actor(worker).prefill.options(num_returns="streaming").remote(key, token_ids, options)
 
     def cancel(self, worker: int, key: str):
-        return self.actors[worker].cancel.remote(key)
+        return self._actor(worker).cancel.remote(key)
 
     def fetch(
         self, worker: int, handle: str, max_chunk_bytes: int, layer_start, layer_end, include_token_ids
     ):
         return (
-            self.actors[worker]
+            self._actor(worker)
             .fetch.options(num_returns="streaming", _generator_backpressure_num_objects=8)
             .remote(handle, max_chunk_bytes, layer_start, layer_end, include_token_ids)
         )
 
     def release(self, worker: int, handle: str):
-        return self.actors[worker].release.remote(handle)
+        return self._actor(worker).release.remote(handle)
 
     def stats(self, worker: int):
-        return self.actors[worker].stats.remote()
+        return self._actor(worker).stats.remote()
 
     def kv_tensors(self, worker: int, handle: str):
-        return self.actors[worker].kv_tensors.remote(handle)
+        return self._actor(worker).kv_tensors.remote(handle)
+
+    def plan(self, num_tokens, chunk_size, logits_rows, force_stages, pending_tokens, shard_above_tokens):
+        """The planner's verdict for one prompt (PipelineWorker.plan); a Ray ref."""
+        return self.pipeline.plan.remote(
+            num_tokens, chunk_size, logits_rows, force_stages, pending_tokens, shard_above_tokens
+        )
+
+    def stage_actors(self, num_stages: int):
+        return self.pipeline.stage_actors.remote(num_stages)
 
     def shutdown(self) -> None:
         import ray
 
+        if self.pipeline is not None:
+            try:
+                ray.get(self.pipeline.shutdown.remote(), timeout=60)
+            except ray.exceptions.RayError:
+                pass  # its stages go with it: they are its actors
+            ray.kill(self.pipeline)
+            self.pipeline = None
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []

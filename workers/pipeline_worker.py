@@ -1,0 +1,339 @@
+"""The service's sharded route: a Ray actor that runs requests on pipeline stages and answers the
+server with the same calls, items and handles as a pool worker (workers/ray_pool.PrefillWorker).
+
+The server treats it as one more worker (named "pipeline"): `prefill` streams progress items and
+one final item, `fetch` streams a kept request's KV pieces, `release` frees them, `cancel` stops a
+prefill, `stats` counts what it holds. Behind those calls a `ShardedPrefill` (workers/pipeline.py)
+per stage count holds the stage actors; the one with `max_stages` stages is started with this
+actor, others on first use. A request's KV stays on its stages (gather=False) under the server's
+handle until `release`; FetchKV gathers it from the stages in layer order.
+
+`plan(...)` is the planner's verdict for one prompt (workers/planner.plan_prefill) from the prompt
+length, the model shape, the memory each stage reports free and the pipeline's pending tokens.
+Every stage already holds its weights, so only KV and activations count against free memory.
+
+Faults: a stage that dies mid-request makes the request end with {"kind": "error", "error":
+"unavailable"} (the server answers UNAVAILABLE) after its KV was released on every surviving stage;
+Ray restarts the stage (`max_restarts`), and the next request's calls wait for it. A kept request
+whose stage restarted answers "missing" and its remaining shares are freed at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import asdict
+
+import numpy as np
+
+log = logging.getLogger("proxyprefill.workers")
+
+GIB = 1024**3
+_STALE_CANCEL_SECONDS = 600.0
+
+
+class PipelineWorker:
+    """The actor's body (wrapped with ray.remote by WorkerPool)."""
+
+    def __init__(
+        self,
+        name: str,
+        engine_kwargs: dict,
+        max_stages: int,
+        stage_options: dict,
+        device: str,
+        dtype: str,
+        model_id: str,
+        stage_memory_bytes: int = 0,
+        request_timeout_s: float = 600.0,
+    ):
+        if max_stages < 2:
+            raise ValueError(f"a pipeline needs at least 2 stages, got {max_stages}")
+        self.name = name
+        self.engine_kwargs = dict(engine_kwargs)
+        self.max_stages = max_stages
+        self.stage_options = dict(stage_options)
+        self.device = device
+        self.dtype = dtype
+        self.model_id = model_id
+        self.stage_memory_bytes = stage_memory_bytes
+        self.request_timeout_s = request_timeout_s
+        self._lock = threading.Lock()
+        self._pipelines: dict = {}  # stage count -> ShardedPrefill
+        self._handles: dict[str, int] = {}  # kept handle -> stage count of its pipeline
+        self._stops: dict[str, tuple[threading.Event, float]] = {}
+        self._outcomes = {"result": 0, "cancelled": 0, "error": 0}
+        self._pipeline(max_stages)
+
+    def _pipeline(self, num_stages: int):
+        """The ShardedPrefill with `num_stages` stages, started (and its layers loaded) on first use."""
+        from proxyprefill.workers.pipeline import ShardedPrefill
+
+        with self._lock:
+            pipe = self._pipelines.get(num_stages)
+            if pipe is None:
+                pipe = ShardedPrefill(
+                    self.engine_kwargs.get("path"),
+                    num_stages=num_stages,
+                    attention=self.engine_kwargs.get("attention", "proxy"),
+                    config=self.engine_kwargs.get("config"),
+                    backend=self.engine_kwargs.get("backend", "auto"),
+                    device=self.device,
+                    dtype=self.dtype,
+                    actor_options=self.stage_options,
+                    model_id=self.model_id,
+                )
+                pipe.wait_ready(timeout_s=self.request_timeout_s)
+                if self.stage_memory_bytes:
+                    pipe.set_memory_limit(self.stage_memory_bytes)
+                self._pipelines[num_stages] = pipe
+            return pipe
+
+    # description -----------------------------------------------------------------------------
+    def describe(self) -> dict:
+        pipe = self._pipeline(self.max_stages)
+        return {
+            "worker": self.name,
+            "max_stages": self.max_stages,
+            "layer_ranges": pipe.layer_ranges,
+            "device": self.device,
+        }
+
+    def stage_actors(self, num_stages: int) -> list:
+        """The stage actors of the `num_stages` pipeline (operators and tests inspect or kill them)."""
+        return list(self._pipeline(num_stages).stages)
+
+    def stats(self) -> dict:
+        with self._lock:
+            pipes = list(self._pipelines.values())
+            running = sum(1 for event, _ in self._stops.values() if not event.is_set())
+            handles = len(self._handles)
+            outcomes = dict(self._outcomes)
+        return {
+            "worker": self.name,
+            "running": running,
+            "handles": handles,
+            "kv_bytes": sum(sum(pipe.held_bytes()) for pipe in pipes),
+            **{f"prefills_{kind}": count for kind, count in outcomes.items()},
+        }
+
+    # planning --------------------------------------------------------------------------------
+    def plan(
+        self,
+        num_tokens: int,
+        chunk_size: int,
+        logits_rows: int,
+        force_stages: int | None,
+        pending_tokens: int,
+        shard_above_tokens: int,
+    ) -> dict:
+        """{"stages": N, "reason": ...}, or {"refused": message, "needed_bytes", "available_bytes"}
+        when no split fits (the server answers RESOURCE_EXHAUSTED before any work)."""
+        import ray
+
+        from proxyprefill.workers.planner import InsufficientResources, WorkerState, plan_prefill
+
+        pipe = self._pipeline(self.max_stages)
+        shape = ray.get(pipe.stages[0].model_shape.remote(), timeout=self.request_timeout_s)
+        free = ray.get([stage.free_bytes.remote() for stage in pipe.stages], timeout=self.request_timeout_s)
+        unknown = 1 << 62  # a stage that cannot tell its free memory is not the one to refuse
+        workers = [
+            WorkerState(i, unknown if f is None else int(f), pending_tokens, weights_resident=True)
+            for i, f in enumerate(free)
+        ]
+        # a configured cap is what a stage may use; otherwise keep room for the CUDA context and
+        # the allocator's fragmentation
+        headroom = 0 if self.stage_memory_bytes or self.device == "cpu" else 2 * GIB
+        try:
+            plan = plan_prefill(
+                num_tokens,
+                shape,
+                workers,
+                chunk_tokens=chunk_size,
+                logits_rows=logits_rows,
+                force_stages=force_stages,
+                shard_above_tokens=shard_above_tokens,
+                headroom_bytes=headroom,
+            )
+        except InsufficientResources as error:
+            return {
+                "refused": str(error),
+                "needed_bytes": int(error.needed_bytes),
+                "available_bytes": int(error.available_bytes),
+            }
+        return {"stages": plan.num_stages, "reason": plan.reason}
+
+    # prefill ---------------------------------------------------------------------------------
+    def _stop_flag(self, key: str) -> threading.Event:
+        with self._lock:
+            now = time.monotonic()
+            for stale in [k for k, (_, t) in self._stops.items() if now - t > _STALE_CANCEL_SECONDS]:
+                self._stops.pop(stale)
+            if key not in self._stops:
+                self._stops[key] = (threading.Event(), now)
+            return self._stops[key][0]
+
+    def cancel(self, key: str) -> None:
+        """Stops the prefill `key` when its next chunk leaves the last stage."""
+        self._stop_flag(key).set()
+
+    def prefill(self, key: str, token_ids: np.ndarray, options: dict):
+        """Streaming generator with PrefillWorker.prefill's items; options as there, plus "stages"
+        (the pipeline's stage count)."""
+        import torch
+
+        from proxyprefill.kernels.config import ProxyAttnConfig
+        from proxyprefill.workers.engine import PrefillCancelled, PrefillError
+        from proxyprefill.workers.pipeline import StageUnavailableError
+        from proxyprefill.workers.planner import InsufficientResources
+
+        stop = self._stop_flag(key)
+        events: queue.Queue = queue.Queue()
+        outcome: dict = {}
+        num_tokens, chunk_size = len(token_ids), options["chunk_size"]
+        keep_handle = options.get("keep_handle")
+        request_id = keep_handle or key
+
+        def chunk_done(chunk: int) -> None:
+            if stop.is_set():  # raised inside the pipeline's loop, which releases the stages' KV
+                raise PrefillCancelled(f"prefill {key} cancelled")
+            events.put((min(num_tokens, (chunk + 1) * chunk_size), num_tokens))
+
+        def run() -> None:
+            try:
+                pipe = self._pipeline(int(options["stages"]))
+                outcome["stages"] = pipe.num_stages
+                outcome["result"] = pipe.prefill(
+                    torch.from_numpy(np.array(token_ids, dtype=np.int64)),  # a writable copy
+                    chunk_size=chunk_size,
+                    logits=options["logits"],
+                    gather=False,
+                    request_id=request_id,
+                    on_chunk_done=chunk_done,
+                    attention=options["attention"],
+                    config=ProxyAttnConfig.from_dict(options["config"]),
+                    timeout_s=self.request_timeout_s,
+                )
+            except PrefillCancelled:
+                outcome["cancelled"] = True
+            except InsufficientResources as error:
+                outcome["error"] = ("resource_exhausted", str(error))
+            except StageUnavailableError as error:
+                log.warning("sharded prefill %s lost a stage: %s", key, error)
+                outcome["error"] = ("unavailable", f"a pipeline stage was lost; retry the request ({error})")
+            except PrefillError as error:
+                outcome["error"] = ("invalid", str(error))
+            except Exception as error:  # reported to the server, which answers INTERNAL
+                log.exception("sharded prefill %s failed", key)
+                outcome["error"] = ("internal", f"{type(error).__name__}: {error}")
+            finally:
+                events.put(None)
+
+        thread = threading.Thread(target=run, name=f"sharded-prefill-{key}", daemon=True)
+        thread.start()
+        try:
+            while (item := events.get()) is not None:
+                yield {"kind": "progress", "done": item[0], "total": item[1]}
+            thread.join()
+            result = outcome.pop("result", None)
+            if result is not None and (stop.is_set() or not keep_handle):
+                self._pipelines[outcome["stages"]].release(request_id)  # nobody will fetch it
+            if "cancelled" in outcome or (stop.is_set() and result is not None):
+                self._count("cancelled")
+                yield {"kind": "cancelled"}
+            elif "error" in outcome:
+                self._count("error")
+                kind, message = outcome["error"]
+                yield {"kind": "error", "error": kind, "message": message}
+            else:
+                if keep_handle:
+                    with self._lock:
+                        self._handles[keep_handle] = outcome["stages"]
+                self._count("result")
+                yield _result_item(result, outcome["stages"])
+        finally:
+            stop.set()  # a consumer that went away also stops the work
+            with self._lock:
+                self._stops.pop(key, None)
+
+    def _count(self, kind: str) -> None:
+        with self._lock:
+            self._outcomes[kind] += 1
+
+    # KV --------------------------------------------------------------------------------------
+    def fetch(
+        self,
+        handle: str,
+        max_chunk_bytes: int,
+        layer_start: int = 0,
+        layer_end: int | None = None,
+        include_token_ids: bool = False,
+    ):
+        """Streaming generator with PrefillWorker.fetch's items, gathered from the stages in layer
+        order; {"kind": "unavailable"} when a stage dies mid-stream."""
+        from proxyprefill.workers.pipeline import StageUnavailableError
+
+        with self._lock:
+            stages = self._handles.get(handle)
+        if stages is None:
+            yield {"kind": "missing"}
+            return
+        pipe = self._pipelines[stages]
+        try:
+            for item in pipe.fetch(
+                handle, max_chunk_bytes, layer_start, layer_end, include_token_ids, self.request_timeout_s
+            ):
+                if item["kind"] == "missing":  # a stage restarted: the shares left elsewhere are useless
+                    self.release(handle)
+                yield item
+        except StageUnavailableError as error:
+            yield {"kind": "unavailable", "message": f"a pipeline stage was lost: {error}"}
+
+    def release(self, handle: str) -> int:
+        """Frees the KV of `handle` on every stage; returns its bytes (0 when it was not here)."""
+        with self._lock:
+            stages = self._handles.pop(handle, None)
+        if stages is None:
+            return 0
+        return self._pipelines[stages].release(handle)
+
+    def kv_tensors(self, handle: str) -> dict | None:
+        """The kept KV as CPU tensors, layer by layer from the stages (tests compare transfers)."""
+        with self._lock:
+            stages = self._handles.get(handle)
+        if stages is None:
+            return None
+        keys, values = [], []
+        for _, k, v in self._pipelines[stages].gather_kv(handle):
+            keys.append(k)
+            values.append(v)
+        return {"keys": keys, "values": values}
+
+    def shutdown(self) -> None:
+        with self._lock:
+            pipes, self._pipelines = list(self._pipelines.values()), {}
+        for pipe in pipes:
+            pipe.shutdown()
+
+
+def _result_item(result, num_stages: int) -> dict:
+    """A pipeline PrefillResult as PrefillWorker's final item."""
+    logits = None if result.logits is None else result.logits.detach().float().numpy()
+    return {
+        "kind": "result",
+        "num_tokens": int(result.token_ids.numel()),
+        "logits": logits,
+        "logit_positions": list(result.logit_positions),
+        "sparsity": result.sparsity.detach().float().numpy(),
+        "estimate_seconds": float(result.estimate_seconds),
+        "attention_seconds": float(result.attention_seconds),
+        "total_seconds": float(result.total_seconds),
+        "peak_memory_bytes": 0,
+        "kv_bytes": int(result.extra["kv_bytes"]),
+        "header": asdict(result.header),
+        "attention": result.attention,
+        "pipeline_stages": num_stages,
+        "layer_ranges": list(result.extra["layer_ranges"]),
+    }
