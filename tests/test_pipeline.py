@@ -326,3 +326,18 @@ def test_bad_requests_are_refused_before_any_work(sparse_pipeline, tokens):
     with pytest.raises(PrefillError, match="outside the vocabulary"):
         sparse_pipeline.prefill([1, 2, 256], CHUNK)
     assert sparse_pipeline.held_bytes() == [0, 0, 0]
+
+
+def test_proxyattn_four_stages_one_layer_each_match_the_engine(ray_cluster, model_dir, engine, tokens):
+    """Four workers, one layer each (the layout of a 4-GPU run, on CPU): same logits and KV."""
+    pipe = ShardedPrefill(model_dir, num_stages=4, config=SPARSE, actor_options={"num_cpus": 0.25})
+    try:
+        assert pipe.layer_ranges == [(0, 1), (1, 2), (2, 3), (3, 4)]
+        pipe.wait_ready(timeout_s=180)
+        result = pipe.prefill(tokens, CHUNK, logits="all")
+    finally:
+        pipe.shutdown()
+    expected = engine.prefill(tokens, CHUNK, logits="all")
+    assert_same_prefill(result, expected)
+    assert torch.allclose(result.sparsity, expected.sparsity, atol=1e-6)
+    assert result.sparsity.mean() > 0.1
