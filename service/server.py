@@ -9,6 +9,12 @@ What the server knows of a worker is its index and model description; what a wor
 request is a plan (token ids, chunk size, logits, attention settings, where to keep the KV). The
 KV tensors stay on the worker that made them, under a lease kept here (service/leases.py).
 
+Sharded requests: when the pool has a pipeline route (pipeline_workers >= 2), a request that
+forces pipeline_stages > 1, or a long one (> shard_above_tokens) for which the planner picks more
+than one stage, is admitted to that route, which the server addresses like any worker (name
+"pipeline"); its KV handle, lease, FetchKV and release work unchanged. The planner's refusal is
+RESOURCE_EXHAUSTED before any work; a stage lost mid-request is UNAVAILABLE.
+
 Cancellation: a client that cancels, or whose deadline passes, makes grpc.aio cancel the handler
 task; the handler then sets the request's stop flag on its worker, which stops the prefill at the
 next chunk and drops its partial KV. KV already kept for the request is released.

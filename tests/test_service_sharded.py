@@ -198,6 +198,30 @@ def test_planner_shards_long_prompts_and_refuses_what_fits_nowhere(service, clie
     assert_clean(service, client, pool)
 
 
+def wait_for(predicate, seconds=30.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_client_cancel_stops_a_sharded_prefill_and_frees_its_stages(service, client, pool):
+    before = pipeline_stats(pool)
+    request = client.request(token_ids=prompt(12288, seed=5), kv="handle", chunk_size=128, pipeline_stages=2)
+    call = client.prefill_events(request, timeout=300)
+    for event in call:
+        if event.WhichOneof("event") == "progress":
+            call.cancel()
+            break
+    assert call.code() == grpc.StatusCode.CANCELLED
+    assert wait_for(lambda: pipeline_stats(pool)["prefills_cancelled"] == before["prefills_cancelled"] + 1)
+    assert pipeline_stats(pool)["prefills_result"] == before["prefills_result"]
+    assert wait_for(lambda: service.server.admission.pending_tokens == 0)
+    assert_clean(service, client, pool)
+
+
 def test_stage_killed_mid_prefill_answers_unavailable_and_the_pipeline_recovers(service, client, pool):
     """Runs last in this module: it kills a stage actor, which Ray restarts."""
     stages = ray.get(pool.stage_actors(2), timeout=60)
