@@ -471,6 +471,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-budget-tokens", type=int, default=256)
     p.add_argument("--gamma", type=float, default=0.9, help="the base variant's gamma")
     p.add_argument("--variants", nargs="*", default=None, help="run only these variant names")
+    p.add_argument(
+        "--skip-dense",
+        action="store_true",
+        help="leave out the dense variant (a follow-up run; compare with a full run's dense numbers)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
         "--reference-attention",
@@ -504,7 +509,10 @@ def main(argv=None, engine=None, encode: Callable[[str], list[int]] | None = Non
         encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
     info = engine.model_info
     base = ProxyAttnConfig(
-        block_size=args.block_size, min_budget_tokens=args.min_budget_tokens, gamma=args.gamma
+        block_size=args.block_size,
+        min_budget_tokens=args.min_budget_tokens,
+        gamma=args.gamma,
+        dense_below_tokens=0,  # the harness measures sparse attention at every length it runs
     )
     variants = sweep_variants(base, info.num_kv_heads)
     if args.variants:
@@ -514,6 +522,8 @@ def main(argv=None, engine=None, encode: Callable[[str], list[int]] | None = Non
                 f"unknown variant(s) {sorted(unknown)}; choose from {[v.name for v in variants]}"
             )
         variants = [v for v in variants if v.name in args.variants or v.attention == "dense"]
+    if args.skip_dense:
+        variants = [v for v in variants if v.attention != "dense"]
 
     samples = args.samples * len(args.lengths) if len(args.samples) == 1 else args.samples
     if len(samples) != len(args.lengths):
