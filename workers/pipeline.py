@@ -491,7 +491,7 @@ class PipelineStage:
         workers' format (ray_pool.PrefillWorker.fetch: little-endian numpy arrays of the keys and
         values of one layer and one token range, at most `max_chunk_bytes`, global layer numbers); a
         Ray streaming generator. First item {"kind": "missing"} when the request's KV is not here."""
-        from .ray_pool import tensor_array
+        from .ray_pool import layer_kv_pieces
 
         cache = self.caches.get(request_id)
         if cache is None:
@@ -500,22 +500,7 @@ class PipelineStage:
         layer_end = self.spec.layer_stop if layer_end is None else layer_end
         for layer in range(max(layer_start, self.spec.layer_start), min(layer_end, self.spec.layer_stop)):
             keys, values = cache.layer_kv(layer - self.spec.layer_start)
-            heads, num_tokens, head_dim = keys.shape
-            step = max(1, max_chunk_bytes // (2 * heads * head_dim * keys.element_size()))
-            for start in range(0, num_tokens, step):
-                end = min(num_tokens, start + step)
-                dtype, key_array = tensor_array(keys[:, start:end])
-                _, value_array = tensor_array(values[:, start:end])
-                yield {
-                    "kind": "kv",
-                    "layer": layer,
-                    "start": start,
-                    "end": end,
-                    "dtype": dtype,
-                    "shape": [heads, end - start, head_dim],
-                    "keys": key_array,
-                    "values": value_array,
-                }
+            yield from layer_kv_pieces(layer, keys, values, max_chunk_bytes)
 
 
 def _cache_bytes(cache: PreallocatedKVCache) -> int:

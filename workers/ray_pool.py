@@ -58,6 +58,27 @@ def tensor_array(tensor) -> tuple[str, np.ndarray]:
     return name, array
 
 
+def layer_kv_pieces(layer: int, keys, values, max_chunk_bytes: int):
+    """The FetchKV pieces of one layer's KV ([Hkv, N, d] each): token ranges whose keys plus
+    values take at most `max_chunk_bytes` (at least one token), as little-endian numpy arrays."""
+    heads, num_tokens, head_dim = keys.shape
+    step = max(1, max_chunk_bytes // (2 * heads * head_dim * keys.element_size()))
+    for start in range(0, num_tokens, step):
+        end = min(num_tokens, start + step)
+        dtype, key_array = tensor_array(keys[:, start:end])
+        _, value_array = tensor_array(values[:, start:end])
+        yield {
+            "kind": "kv",
+            "layer": layer,
+            "start": start,
+            "end": end,
+            "dtype": dtype,
+            "shape": [heads, end - start, head_dim],
+            "keys": key_array,
+            "values": value_array,
+        }
+
+
 class PrefillWorker:
     """The actor's body (wrapped with ray.remote by WorkerPool; usable directly in-process)."""
 
@@ -230,24 +251,7 @@ class PrefillWorker:
                 yield {"kind": "tokens", "start": start, "end": end, "data": ids[start:end].tobytes()}
         layer_end = len(stored.keys) if layer_end is None else layer_end
         for layer in range(layer_start, layer_end):
-            keys, values = stored.keys[layer], stored.values[layer]
-            heads, num_tokens, head_dim = keys.shape
-            per_token = 2 * heads * head_dim * keys.element_size()
-            step = max(1, max_chunk_bytes // per_token)
-            for start in range(0, num_tokens, step):
-                end = min(num_tokens, start + step)
-                dtype, key_array = tensor_array(keys[:, start:end])
-                _, value_array = tensor_array(values[:, start:end])
-                yield {
-                    "kind": "kv",
-                    "layer": layer,
-                    "start": start,
-                    "end": end,
-                    "dtype": dtype,
-                    "shape": [heads, end - start, head_dim],
-                    "keys": key_array,
-                    "values": value_array,
-                }
+            yield from layer_kv_pieces(layer, stored.keys[layer], stored.values[layer], max_chunk_bytes)
 
     def release(self, handle: str) -> int:
         """Frees the KV of `handle`; returns its bytes (0 when it was not here)."""
