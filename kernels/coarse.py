@@ -23,7 +23,7 @@ import math
 import torch
 
 from .config import ProxyAttnConfig
-from .index import causal_blocks_per_row
+from .index import causal_block_mask
 from .reference import proxy_heads
 
 
@@ -59,9 +59,6 @@ def estimate_block_scores_meanpool(
     pooled_k = _block_means(proxy_k, bs)  # [B, g, Nk_blocks, d]
     mq, nkb = pooled_q.shape[2], pooled_k.shape[2]
     logits = torch.einsum("bgmd,bgnd->bgmn", pooled_q, pooled_k) * scale
-    causal = (
-        torch.arange(nkb, device=q.device)[None, :]
-        < causal_blocks_per_row(mq, q_offset, bs, q.device)[:, None]
-    )
+    causal = causal_block_mask(mq, nkb, q_offset, bs, q.device)
     probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
     return probs.masked_fill(~causal, float("-inf"))

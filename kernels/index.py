@@ -20,6 +20,12 @@ def causal_blocks_per_row(num_rows: int, q_offset: int, block_size: int, device=
     return q_offset // block_size + torch.arange(num_rows, device=device) + 1
 
 
+def causal_block_mask(num_rows: int, num_key_blocks: int, q_offset: int, block_size: int, device=None):
+    """Key blocks at or before each query block's diagonal. bool [Mq, Nk_blocks]."""
+    causal = causal_blocks_per_row(num_rows, q_offset, block_size, device)
+    return torch.arange(num_key_blocks, device=device)[None, :] < causal[:, None]
+
+
 def forced_block_mask(
     num_rows: int, num_key_blocks: int, q_offset: int, config: ProxyAttnConfig, device=None
 ) -> torch.Tensor:

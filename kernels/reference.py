@@ -22,7 +22,7 @@ import math
 import torch
 
 from .config import ProxyAttnConfig
-from .index import BlockSparseIndex, causal_blocks_per_row, forced_block_mask
+from .index import BlockSparseIndex, causal_block_mask, causal_blocks_per_row, forced_block_mask
 
 # Bound on the elements of any float32 token-level tile the reference builds (~256 MiB).
 _TILE_ELEMENTS = 64 * 1024 * 1024
@@ -96,10 +96,7 @@ def estimate_block_scores(
         tile = probs.reshape(b, g, m1 - m0, rows_per_block, nkb, keys_per_block).amax(dim=(3, 5))
         scores[:, :, m0:m1] = tile
 
-    causal = (
-        torch.arange(nkb, device=q.device)[None, :]
-        < causal_blocks_per_row(mq, q_offset, bs, q.device)[:, None]
-    )
+    causal = causal_block_mask(mq, nkb, q_offset, bs, q.device)
     return scores.masked_fill(~causal, float("-inf"))
 
 
