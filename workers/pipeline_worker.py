@@ -21,20 +21,18 @@ whose stage restarted answers "missing" and its remaining shares are freed at on
 from __future__ import annotations
 
 import logging
-import queue
-import threading
-import time
 from dataclasses import asdict
 
 import numpy as np
 
+from .ray_pool import StreamingPrefills, final_item
+
 log = logging.getLogger("proxyprefill.workers")
 
 GIB = 1024**3
-_STALE_CANCEL_SECONDS = 600.0
 
 
-class PipelineWorker:
+class PipelineWorker(StreamingPrefills):
     """The actor's body (wrapped with ray.remote by WorkerPool)."""
 
     def __init__(
@@ -60,11 +58,9 @@ class PipelineWorker:
         self.model_id = model_id
         self.stage_memory_bytes = stage_memory_bytes
         self.request_timeout_s = request_timeout_s
-        self._lock = threading.Lock()
+        self._init_requests()
         self._pipelines: dict = {}  # stage count -> ShardedPrefill
         self._handles: dict[str, int] = {}  # kept handle -> stage count of its pipeline
-        self._stops: dict[str, tuple[threading.Event, float]] = {}
-        self._outcomes = {"result": 0, "cancelled": 0, "error": 0}
         self._pipeline(max_stages)
 
     def _pipeline(self, num_stages: int):
@@ -108,7 +104,7 @@ class PipelineWorker:
     def stats(self) -> dict:
         with self._lock:
             pipes = list(self._pipelines.values())
-            running = sum(1 for event, _ in self._stops.values() if not event.is_set())
+            running = self._running()
             handles = len(self._handles)
             outcomes = dict(self._outcomes)
         return {
@@ -166,101 +162,64 @@ class PipelineWorker:
         return {"stages": plan.num_stages, "reason": plan.reason}
 
     # prefill ---------------------------------------------------------------------------------
-    def _stop_flag(self, key: str) -> threading.Event:
-        with self._lock:
-            now = time.monotonic()
-            for stale in [k for k, (_, t) in self._stops.items() if now - t > _STALE_CANCEL_SECONDS]:
-                self._stops.pop(stale)
-            if key not in self._stops:
-                self._stops[key] = (threading.Event(), now)
-            return self._stops[key][0]
-
-    def cancel(self, key: str) -> None:
-        """Stops the prefill `key` when its next chunk leaves the last stage."""
-        self._stop_flag(key).set()
-
     def prefill(self, key: str, token_ids: np.ndarray, options: dict):
         """Streaming generator with PrefillWorker.prefill's items; options as there, plus "stages"
         (the pipeline's stage count)."""
         import torch
 
         from proxyprefill.kernels.config import ProxyAttnConfig
-        from proxyprefill.workers.engine import PrefillCancelled, PrefillError
+        from proxyprefill.workers.engine import PrefillCancelled
         from proxyprefill.workers.pipeline import StageUnavailableError
         from proxyprefill.workers.planner import InsufficientResources
 
         stop = self._stop_flag(key)
-        events: queue.Queue = queue.Queue()
-        outcome: dict = {}
         num_tokens, chunk_size = len(token_ids), options["chunk_size"]
         keep_handle = options.get("keep_handle")
         request_id = keep_handle or key
+        pipe = None
 
-        def chunk_done(chunk: int) -> None:
-            if stop.is_set():  # raised inside the pipeline's loop, which releases the stages' KV
-                raise PrefillCancelled(f"prefill {key} cancelled")
-            events.put((min(num_tokens, (chunk + 1) * chunk_size), num_tokens))
+        def work(progress):
+            nonlocal pipe
 
-        def run() -> None:
-            try:
-                pipe = self._pipeline(int(options["stages"]))
-                outcome["stages"] = pipe.num_stages
-                outcome["result"] = pipe.prefill(
-                    torch.from_numpy(np.array(token_ids, dtype=np.int64)),  # a writable copy
-                    chunk_size=chunk_size,
-                    logits=options["logits"],
-                    gather=False,
-                    request_id=request_id,
-                    on_chunk_done=chunk_done,
-                    attention=options["attention"],
-                    config=ProxyAttnConfig.from_dict(options["config"]),
-                    timeout_s=self.request_timeout_s,
-                )
-            except PrefillCancelled:
-                outcome["cancelled"] = True
-            except InsufficientResources as error:
-                outcome["error"] = ("resource_exhausted", str(error))
-            except StageUnavailableError as error:
+            def chunk_done(chunk: int) -> None:
+                if stop.is_set():  # raised inside the pipeline's loop, which releases the stages' KV
+                    raise PrefillCancelled(f"prefill {key} cancelled")
+                progress(min(num_tokens, (chunk + 1) * chunk_size), num_tokens)
+
+            pipe = self._pipeline(int(options["stages"]))
+            return pipe.prefill(
+                torch.from_numpy(np.array(token_ids, dtype=np.int64)),  # a writable copy
+                chunk_size=chunk_size,
+                logits=options["logits"],
+                gather=False,
+                request_id=request_id,
+                on_chunk_done=chunk_done,
+                attention=options["attention"],
+                config=ProxyAttnConfig.from_dict(options["config"]),
+                timeout_s=self.request_timeout_s,
+            )
+
+        def classify_error(error):
+            if isinstance(error, InsufficientResources):
+                return ("resource_exhausted", str(error))
+            if isinstance(error, StageUnavailableError):
                 log.warning("sharded prefill %s lost a stage: %s", key, error)
-                outcome["error"] = ("unavailable", f"a pipeline stage was lost; retry the request ({error})")
-            except PrefillError as error:
-                outcome["error"] = ("invalid", str(error))
-            except Exception as error:  # reported to the server, which answers INTERNAL
-                log.exception("sharded prefill %s failed", key)
-                outcome["error"] = ("internal", f"{type(error).__name__}: {error}")
-            finally:
-                events.put(None)
+                return ("unavailable", f"a pipeline stage was lost; retry the request ({error})")
+            return None
 
-        thread = threading.Thread(target=run, name=f"sharded-prefill-{key}", daemon=True)
-        thread.start()
         try:
-            while (item := events.get()) is not None:
-                yield {"kind": "progress", "done": item[0], "total": item[1]}
-            thread.join()
-            result = outcome.pop("result", None)
-            if result is not None and (stop.is_set() or not keep_handle):
-                self._pipelines[outcome["stages"]].release(request_id)  # nobody will fetch it
-            if "cancelled" in outcome or (stop.is_set() and result is not None):
-                self._count("cancelled")
-                yield {"kind": "cancelled"}
-            elif "error" in outcome:
-                self._count("error")
-                kind, message = outcome["error"]
-                yield {"kind": "error", "error": kind, "message": message}
-            else:
-                if keep_handle:
-                    with self._lock:
-                        self._handles[keep_handle] = outcome["stages"]
-                self._count("result")
-                yield _result_item(result, outcome["stages"])
+            kind, value = yield from self._stream_prefill(key, stop, work, classify_error)
+            if kind != "error" and value is not None and (kind == "cancelled" or not keep_handle):
+                pipe.release(request_id)  # nobody will fetch it
+            if kind != "result":
+                yield final_item(kind, value)
+                return
+            if keep_handle:
+                with self._lock:
+                    self._handles[keep_handle] = pipe.num_stages
+            yield _result_item(value, pipe.num_stages)
         finally:
-            stop.set()  # a consumer that went away also stops the work
-            with self._lock:
-                self._stops.pop(key, None)
-
-    def _count(self, kind: str) -> None:
-        with self._lock:
-            self._outcomes[kind] += 1
+            self._end_request(key, stop)
 
     # KV --------------------------------------------------------------------------------------
     def fetch(

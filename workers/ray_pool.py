@@ -79,7 +79,96 @@ def layer_kv_pieces(layer: int, keys, values, max_chunk_bytes: int):
         }
 
 
-class PrefillWorker:
+class StreamingPrefills:
+    """What every worker actor shares: per-request stop flags, outcome counters, and running one
+    prefill in a thread while its progress streams out of a Ray streaming generator.
+
+    `_stream_prefill` yields progress items and returns (kind, value): ("result", result),
+    ("cancelled", result or None) or ("error", (error kind, message)); the caller turns that into
+    its final item. Call `_init_requests()` in `__init__`.
+    """
+
+    def _init_requests(self) -> None:
+        self._lock = threading.Lock()
+        self._stops: dict[str, tuple[threading.Event, float]] = {}
+        self._outcomes = {"result": 0, "cancelled": 0, "error": 0}
+
+    def _stop_flag(self, key: str) -> threading.Event:
+        with self._lock:
+            now = time.monotonic()
+            for stale in [k for k, (_, t) in self._stops.items() if now - t > _STALE_CANCEL_SECONDS]:
+                self._stops.pop(stale)
+            if key not in self._stops:
+                self._stops[key] = (threading.Event(), now)
+            return self._stops[key][0]
+
+    def cancel(self, key: str) -> None:
+        """Stops the prefill `key` at its next chunk (or before it starts, if it has not yet)."""
+        self._stop_flag(key).set()
+
+    def _running(self) -> int:
+        """Prefills under way (call with the lock held)."""
+        return sum(1 for event, _ in self._stops.values() if not event.is_set())
+
+    def _count(self, kind: str) -> None:
+        with self._lock:
+            self._outcomes[kind] += 1
+
+    def _stream_prefill(self, key: str, stop: threading.Event, work, classify_error=None):
+        """Runs `work(progress)` in a thread (`progress(done, total)` streams a progress item) and
+        returns its outcome once it ends; `classify_error(error)` may name the (kind, message) of
+        worker-specific exceptions. The outcome is counted."""
+        from proxyprefill.workers.engine import PrefillCancelled, PrefillError
+
+        events: queue.Queue = queue.Queue()
+        outcome: dict = {}
+
+        def run() -> None:
+            try:
+                outcome["result"] = work(lambda done, total: events.put((done, total)))
+            except PrefillCancelled:
+                outcome["cancelled"] = True
+            except PrefillError as error:
+                outcome["error"] = ("invalid", str(error))
+            except Exception as error:
+                named = classify_error(error) if classify_error else None
+                if named is None:  # reported to the server, which answers INTERNAL
+                    log.exception("prefill %s failed", key)
+                    named = ("internal", f"{type(error).__name__}: {error}")
+                outcome["error"] = named
+            finally:
+                events.put(None)
+
+        thread = threading.Thread(target=run, name=f"prefill-{key}", daemon=True)
+        thread.start()
+        while (item := events.get()) is not None:
+            yield {"kind": "progress", "done": item[0], "total": item[1]}
+        thread.join()
+        result = outcome.get("result")
+        if "cancelled" in outcome or (stop.is_set() and result is not None):
+            kind, value = "cancelled", result
+        elif "error" in outcome:
+            kind, value = "error", outcome["error"]
+        else:
+            kind, value = "result", result
+        self._count(kind)
+        return kind, value
+
+    def _end_request(self, key: str, stop: threading.Event) -> None:
+        stop.set()  # a consumer that went away also stops the work
+        with self._lock:
+            self._stops.pop(key, None)
+
+
+def final_item(kind: str, value) -> dict:
+    """The final stream item of a prefill that ended "cancelled" or with an "error"."""
+    if kind == "cancelled":
+        return {"kind": "cancelled"}
+    error, message = value
+    return {"kind": "error", "error": error, "message": message}
+
+
+class PrefillWorker(StreamingPrefills):
     """The actor's body (wrapped with ray.remote by WorkerPool; usable directly in-process)."""
 
     def __init__(self, name: str, engine_kwargs: dict, torch_threads: int | None = None):
@@ -94,10 +183,8 @@ class PrefillWorker:
             kwargs["dtype"] = getattr(torch, kwargs["dtype"])
         self.name = name
         self.engine = PrefillEngine.from_pretrained(**kwargs)
-        self._lock = threading.Lock()
-        self._stops: dict[str, tuple[threading.Event, float]] = {}
+        self._init_requests()
         self._kv: dict[str, StoredKV] = {}
-        self._outcomes = {"result": 0, "cancelled": 0, "error": 0}
 
     # description -----------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -117,87 +204,43 @@ class PrefillWorker:
 
     def stats(self) -> dict:
         with self._lock:
-            running = sum(1 for event, _ in self._stops.values() if not event.is_set())
             return {
                 "worker": self.name,
-                "running": running,
+                "running": self._running(),
                 "handles": len(self._kv),
                 "kv_bytes": sum(s.nbytes for s in self._kv.values()),
                 **{f"prefills_{kind}": count for kind, count in self._outcomes.items()},
             }
 
     # prefill ---------------------------------------------------------------------------------
-    def _stop_flag(self, key: str) -> threading.Event:
-        with self._lock:
-            now = time.monotonic()
-            for stale in [k for k, (_, t) in self._stops.items() if now - t > _STALE_CANCEL_SECONDS]:
-                self._stops.pop(stale)
-            if key not in self._stops:
-                self._stops[key] = (threading.Event(), now)
-            return self._stops[key][0]
-
-    def cancel(self, key: str) -> None:
-        """Stops the prefill `key` at its next chunk (or before it starts, if it has not yet)."""
-        self._stop_flag(key).set()
-
     def prefill(self, key: str, token_ids: np.ndarray, options: dict):
         """Streaming generator; see the module docstring. options: chunk_size, logits, attention,
         config (ProxyAttnConfig dict), keep_handle (str or None: where to keep the KV)."""
         import torch
 
         from proxyprefill.kernels.config import ProxyAttnConfig
-        from proxyprefill.workers.engine import PrefillCancelled, PrefillError
 
         stop = self._stop_flag(key)
-        events: queue.Queue = queue.Queue()
-        outcome: dict = {}
 
-        def run() -> None:
-            try:
-                outcome["result"] = self.engine.prefill(
-                    torch.from_numpy(np.array(token_ids, dtype=np.int64)),  # a writable copy
-                    chunk_size=options["chunk_size"],
-                    logits=options["logits"],
-                    config=ProxyAttnConfig.from_dict(options["config"]),
-                    attention=options["attention"],
-                    progress=lambda done, total: events.put((done, total)),
-                    should_stop=stop.is_set,
-                )
-            except PrefillCancelled:
-                outcome["cancelled"] = True
-            except PrefillError as error:
-                outcome["error"] = ("invalid", str(error))
-            except Exception as error:  # reported to the server, which answers INTERNAL
-                log.exception("prefill %s failed", key)
-                outcome["error"] = ("internal", f"{type(error).__name__}: {error}")
-            finally:
-                events.put(None)
+        def work(progress):
+            return self.engine.prefill(
+                torch.from_numpy(np.array(token_ids, dtype=np.int64)),  # a writable copy
+                chunk_size=options["chunk_size"],
+                logits=options["logits"],
+                config=ProxyAttnConfig.from_dict(options["config"]),
+                attention=options["attention"],
+                progress=progress,
+                should_stop=stop.is_set,
+            )
 
-        thread = threading.Thread(target=run, name=f"prefill-{key}", daemon=True)
-        thread.start()
         try:
-            while (item := events.get()) is not None:
-                yield {"kind": "progress", "done": item[0], "total": item[1]}
-            thread.join()
-            if "cancelled" in outcome or (stop.is_set() and "result" in outcome):
-                outcome.pop("result", None)
-                self._count("cancelled")
-                yield {"kind": "cancelled"}
-            elif "error" in outcome:
-                self._count("error")
-                kind, message = outcome["error"]
-                yield {"kind": "error", "error": kind, "message": message}
-            else:
-                self._count("result")
-                yield self._finish(outcome.pop("result"), token_ids, options.get("keep_handle"))
+            kind, value = yield from self._stream_prefill(key, stop, work)
+            if kind == "result":
+                yield self._finish(value, token_ids, options.get("keep_handle"))
+            else:  # a cancelled prefill's KV is dropped with the result
+                yield final_item(kind, value)
         finally:
-            stop.set()  # a consumer that went away also stops the work
-            with self._lock:
-                self._stops.pop(key, None)
-
-    def _count(self, kind: str) -> None:
-        with self._lock:
-            self._outcomes[kind] += 1
+            self._end_request(key, stop)
 
     def _finish(self, result, token_ids: np.ndarray, keep_handle: str | None) -> dict:
         header = asdict(result.header)
