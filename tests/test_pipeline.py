@@ -8,6 +8,8 @@ import torch
 ray = pytest.importorskip("ray")
 transformers = pytest.importorskip("transformers")
 
+from _support import save_tiny_llama  # noqa: E402
+
 from proxyprefill.kernels.config import ProxyAttnConfig  # noqa: E402
 from proxyprefill.workers.engine import PrefillEngine, PrefillError  # noqa: E402
 from proxyprefill.workers.pipeline import (  # noqa: E402
@@ -31,22 +33,6 @@ NUM_LAYERS = 4
 PROMPT = 320  # 10 blocks of 32: with a 1-block budget the last rows skip most causal blocks
 CHUNK = 64
 SPARSE = ProxyAttnConfig(dense_below_tokens=0, block_size=32, stride=4, gamma=0.5, min_budget_tokens=32)
-
-
-def tiny_llama(path):
-    cfg = transformers.LlamaConfig(
-        num_hidden_layers=NUM_LAYERS,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=4096,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    model.save_pretrained(path)
-    return model
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -76,7 +62,7 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(path)
+    save_tiny_llama(path, NUM_LAYERS)
     return str(path)
 
 

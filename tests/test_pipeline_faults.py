@@ -11,6 +11,8 @@ import torch
 ray = pytest.importorskip("ray")
 transformers = pytest.importorskip("transformers")
 
+from _support import save_tiny_llama  # noqa: E402
+
 from proxyprefill.workers.engine import PrefillEngine  # noqa: E402
 from proxyprefill.workers.pipeline import ShardedPrefill, StageUnavailableError  # noqa: E402
 
@@ -29,18 +31,8 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    cfg = transformers.LlamaConfig(
-        num_hidden_layers=3,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=4096,
-    )
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-llama-faults")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    save_tiny_llama(path, num_layers=3)
     return str(path)
 
 

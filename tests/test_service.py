@@ -16,6 +16,8 @@ import torch
 ray = pytest.importorskip("ray")
 pytest.importorskip("grpc_health")
 
+from _support import wait_for  # noqa: E402
+
 from proxyprefill.protos import prefill_pb2 as pb  # noqa: E402
 from proxyprefill.service import config as config_mod  # noqa: E402
 from proxyprefill.service.client import PrefillClient  # noqa: E402
@@ -242,15 +244,6 @@ def _long_call(client, timeout=None, chunk_size=128, kv="handle"):
     return client.prefill_events(request, timeout=timeout)
 
 
-def _wait_for(predicate, seconds=20.0):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_client_cancel_mid_prefill_stops_the_worker(service, client, pool):
     before = worker_stats(pool)
     call = _long_call(client)
@@ -259,7 +252,7 @@ def test_client_cancel_mid_prefill_stops_the_worker(service, client, pool):
             call.cancel()
             break
     assert call.code() == grpc.StatusCode.CANCELLED
-    assert _wait_for(lambda: worker_stats(pool)["prefills_cancelled"] == before["prefills_cancelled"] + 1)
+    assert wait_for(lambda: worker_stats(pool)["prefills_cancelled"] == before["prefills_cancelled"] + 1)
     assert worker_stats(pool)["prefills_result"] == before["prefills_result"]
     assert_healthy_and_clean(service, client, pool)
 
@@ -268,7 +261,7 @@ def test_deadline_exceeded_stops_the_worker(service, client, pool):
     before = worker_stats(pool)
     error = status_of(lambda: list(_long_call(client, timeout=1.5)))
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert _wait_for(lambda: worker_stats(pool)["prefills_cancelled"] == before["prefills_cancelled"] + 1)
+    assert wait_for(lambda: worker_stats(pool)["prefills_cancelled"] == before["prefills_cancelled"] + 1)
     assert_healthy_and_clean(service, client, pool)
 
 
@@ -285,7 +278,7 @@ def test_admission_and_memory_cap_refuse_with_resource_exhausted(pool):
         error = status_of(lambda: client.prefill(token_ids=[5] * 500, kv="none"))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "pending" in error.details()
         call.cancel()
-        assert _wait_for(lambda: small.server.admission.pending_tokens == 0)
+        assert wait_for(lambda: small.server.admission.pending_tokens == 0)
         assert client.prefill(token_ids=[5] * 500, kv="none").summary.num_tokens == 500
 
 
@@ -398,7 +391,7 @@ def test_graceful_drain_finishes_in_flight_work(pool):
         assert first.WhichOneof("event") == "accepted"
         drained = threading.Thread(target=lambda: draining.call(draining.server.drain(grace=60)))
         drained.start()
-        assert _wait_for(lambda: draining.server._draining)
+        assert wait_for(lambda: draining.server._draining)
         events = list(call)
         assert events[-1].WhichOneof("event") == "summary" and events[-1].summary.num_tokens == 1536
         drained.join(timeout=60)
@@ -551,7 +544,7 @@ def test_serve_command_drains_and_exits_on_sigterm(tmp_path):
                 except grpc.RpcError:
                     return process.poll() is None and False
 
-            assert _wait_for(serving, seconds=120), (tmp_path / "serve.log").read_text()[-2000:]
+            assert wait_for(serving, seconds=120), (tmp_path / "serve.log").read_text()[-2000:]
             assert remote.prefill(token_ids=[1, 2, 3], kv="none").summary.num_tokens == 3
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, (tmp_path / "serve.log").read_text()[-2000:]
@@ -578,12 +571,12 @@ def test_worker_lost_mid_prefill_answers_unavailable_and_recovers(service, clien
             codes.append(status_of(lambda: client.fetch_kv(handle.handle, timeout=60)).code())
             return codes[-1] != grpc.StatusCode.UNAVAILABLE
 
-        assert _wait_for(settled, seconds=120)
+        assert wait_for(settled, seconds=120)
         assert codes[-1] == grpc.StatusCode.FAILED_PRECONDITION
         assert status_of(lambda: client.renew(handle.handle)).code() == grpc.StatusCode.FAILED_PRECONDITION
     else:
         client.release(handle.handle)
-    assert _wait_for(lambda: ray.get(pool.stats(target), timeout=120) is not None, seconds=120)
+    assert wait_for(lambda: ray.get(pool.stats(target), timeout=120) is not None, seconds=120)
     outcome = client.prefill(token_ids=[3] * 200, kv="none", timeout=120)
     assert outcome.summary.num_tokens == 200
     assert_healthy_and_clean(service, client, pool)

@@ -19,6 +19,8 @@ ray = pytest.importorskip("ray")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("grpc_health")
 
+from _support import save_tiny_llama, wait_for  # noqa: E402
+
 from proxyprefill.service import config as config_mod  # noqa: E402
 from proxyprefill.service.client import PrefillClient  # noqa: E402
 from proxyprefill.service.local import LocalService  # noqa: E402
@@ -35,18 +37,8 @@ SHARD_ABOVE = 4096
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    cfg = transformers.LlamaConfig(
-        num_hidden_layers=NUM_LAYERS,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=32768,
-    )
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-llama-service")
-    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    save_tiny_llama(path, NUM_LAYERS, max_position_embeddings=32768)
     return str(path)
 
 
@@ -198,15 +190,6 @@ def test_planner_shards_long_prompts_and_refuses_what_fits_nowhere(service, clie
     assert_clean(service, client, pool)
 
 
-def wait_for(predicate, seconds=30.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_client_cancel_stops_a_sharded_prefill_and_frees_its_stages(service, client, pool):
     before = pipeline_stats(pool)
     request = client.request(token_ids=prompt(12288, seed=5), kv="handle", chunk_size=128, pipeline_stages=2)
@@ -216,9 +199,11 @@ def test_client_cancel_stops_a_sharded_prefill_and_frees_its_stages(service, cli
             call.cancel()
             break
     assert call.code() == grpc.StatusCode.CANCELLED
-    assert wait_for(lambda: pipeline_stats(pool)["prefills_cancelled"] == before["prefills_cancelled"] + 1)
+    assert wait_for(
+        lambda: pipeline_stats(pool)["prefills_cancelled"] == before["prefills_cancelled"] + 1, seconds=30
+    )
     assert pipeline_stats(pool)["prefills_result"] == before["prefills_result"]
-    assert wait_for(lambda: service.server.admission.pending_tokens == 0)
+    assert wait_for(lambda: service.server.admission.pending_tokens == 0, seconds=30)
     assert_clean(service, client, pool)
 
 
