@@ -132,6 +132,7 @@ def _proxy_chunk(ctx: PrefillContext, layer_idx, q, k, v, q_offset, scale):
     scores = api.estimate_block_scores(q, k, config, q_offset, scale, ctx.backend)
     budgets = api.head_budgets(q, k, config, q_offset, scale, ctx.backend)
     if ctx.fixed_density is not None:
+        # benchmarks only: the measured budgets are still computed so estimation is timed in full
         budgets = fixed_density_budgets(q.shape[1], nq, q_offset, ctx.fixed_density, config, q.device)
         budgets = budgets.expand(q.shape[0], -1, -1)
     index = api.build_block_mask(scores, budgets, config, q_offset, ctx.backend)
