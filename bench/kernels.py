@@ -168,15 +168,16 @@ def flex_block_mask(index: BlockSparseIndex, n: int):
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, diag_last, gqa_packed)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, tma, gqa_packed); bench/attention_variants.py
+# holds the loop-structure experiments
 TILE_VARIANTS = [
     (128, 64, 8, 3, False, False),
-    (128, 64, 8, 3, True, False),
+    (128, 128, 8, 2, False, False),
+    (64, 64, 4, 3, False, False),
     (128, 128, 8, 3, True, False),
-    (128, 64, 8, 4, True, False),
+    (128, 64, 8, 3, True, False),
     (128, 128, 8, 2, True, False),
     (64, 64, 4, 3, True, False),
-    (64, 128, 4, 3, True, False),
 ]
 GQA_VARIANTS = [
     (128, 64, 8, 3, False, False),
@@ -201,13 +202,11 @@ def tune_length(n: int, result: dict, gqa_only: bool = False) -> None:
         index = forced_index(n, sparsity, seed=n + 1)
         pairs = kept_pairs(index, n)
         want, _ = tb.block_sparse_attention(q, k, v, index)
-        for *tiles, diag_last, packed in GQA_VARIANTS if gqa_only else TILE_VARIANTS:
+        for *tiles, tma, packed in GQA_VARIANTS if gqa_only else TILE_VARIANTS:
             tiles = tuple(tiles)
 
-            def attend(index=index, tiles=tiles, diag_last=diag_last, packed=packed):
-                return tb.block_sparse_attention(
-                    q, k, v, index, tiles=tiles, diag_last=diag_last, gqa_packed=packed
-                )
+            def attend(index=index, tiles=tiles, tma=tma, packed=packed):
+                return tb.block_sparse_attention(q, k, v, index, tiles=tiles, tma=tma, gqa_packed=packed)
 
             try:
                 err = rel_err(attend()[0], want)
@@ -216,7 +215,8 @@ def tune_length(n: int, result: dict, gqa_only: bool = False) -> None:
                 print(f"  N={n} sparsity {sparsity} tiles {tiles}: failed {exc!r}"[:300])
                 continue
             tflops = 4 * D * pairs / timing["median_ms"] / 1e9
-            res = dict(tb.KERNEL_RESOURCES.get("attention_gqa" if packed else "attention", {}))
+            kernel = "attention_gqa" if packed else "attention_tma" if tma else "attention"
+            res = dict(tb.KERNEL_RESOURCES.get(kernel, {}))
             result["rows"].append(
                 {
                     "kind": "tune",
@@ -224,7 +224,7 @@ def tune_length(n: int, result: dict, gqa_only: bool = False) -> None:
                     "n": n,
                     "sparsity": sparsity,
                     "tiles": list(tiles),
-                    "diag_last": diag_last,
+                    "tma": tma,
                     "ours": timing,
                     "tflops_kept": tflops,
                     "rel_err": err,
@@ -232,7 +232,7 @@ def tune_length(n: int, result: dict, gqa_only: bool = False) -> None:
                 }
             )
             print(
-                f"  N={n} sparsity {sparsity} tiles {tiles} diag_last={diag_last} gqa_packed={packed}: "
+                f"  N={n} sparsity {sparsity} tiles {tiles} tma={tma} gqa_packed={packed}: "
                 f"{timing['median_ms']:.2f} ms {tflops:.0f} TFLOP/s err {err:.1e} {res}",
                 flush=True,
             )
@@ -581,6 +581,7 @@ def main() -> None:
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "shape": {"batch": 1, "q_heads": HQ, "kv_heads": HKV, "head_dim": D, "block": BS, "dtype": "bf16"},
         "attention_tiles_d128": list(tb.ATTENTION_TILES[D]),
+        "tma_attention_tiles_d128": list(tb.TMA_ATTENTION_TILES[D]),
         "rows": [],
     }
     if args.tune:

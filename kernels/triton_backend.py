@@ -34,6 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton before 3.4: the pointer path only
+    TensorDescriptor = None
+
 from . import coarse
 from .config import ProxyAttnConfig
 from .index import BlockSparseIndex, causal_blocks_per_row
@@ -80,9 +85,15 @@ def _row_sum(x, axis: tl.constexpr):
 # --------------------------------------------------------------------------------------------
 # Block-sparse attention: (BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim. BLOCK_M and
 # BLOCK_N are capped at the mask block size so one query tile sits in one mask row.
+# With K/V through pointers:
 ATTENTION_TILES: dict[int, tuple[int, int, int, int]] = {
     64: (128, 64, 4, 3),
     128: (128, 64, 8, 3),
+}
+# With K/V through TMA tensor descriptors (Hopper and later; head dims measured so far). The
+# (128, 128) tile with 3 stages takes 232 registers and 224 KiB of shared memory on an H100.
+TMA_ATTENTION_TILES: dict[int, tuple[int, int, int, int]] = {
+    128: (128, 128, 8, 3),
 }
 # Proxy scores: query blocks per program (rows = that x B/s strided queries) and key blocks per tile.
 SCORE_TILES: dict[int, tuple[int, int, int, int]] = {
@@ -109,6 +120,48 @@ def _record(name: str, kernel) -> None:
 def _attention_tiles(head_dim: int, mask_block: int) -> tuple[int, int, int, int]:
     block_m, block_n, warps, stages = ATTENTION_TILES.get(head_dim, (64, 64, 4, 2))
     return min(block_m, mask_block), min(block_n, mask_block), warps, stages
+
+
+@functools.cache
+def _has_tma(index: int) -> bool:
+    return TensorDescriptor is not None and torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def _tma_layout_ok(x: torch.Tensor) -> bool:
+    """Whether x [B, H, N, D] can be described as [B * H, N, D]: the batch stride is H head
+    strides (or B is 1), and base and strides are 16-byte aligned (a TMA requirement)."""
+    b, h = x.shape[0], x.shape[1]
+    size = x.element_size()
+    return (
+        x.stride(-1) == 1
+        and (b == 1 or x.stride(0) == h * x.stride(1))
+        and x.data_ptr() % 16 == 0
+        and (x.stride(1) * size) % 16 == 0
+        and (x.stride(2) * size) % 16 == 0
+    )
+
+
+def _use_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_block: int) -> bool:
+    """The TMA path where it was measured to pay: Hopper or later, half precision, a head dim
+    with a measured TMA tile, mask blocks that hold whole tiles, and describable K/V."""
+    tiles = TMA_ATTENTION_TILES.get(q.shape[-1])
+    return (
+        q.is_cuda
+        and tiles is not None
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and mask_block % tiles[0] == 0
+        and mask_block % tiles[1] == 0
+        and _has_tma(q.device.index if q.device.index is not None else torch.cuda.current_device())
+        and _tma_layout_ok(k)
+        and _tma_layout_ok(v)
+    )
+
+
+def _kv_descriptor(x: torch.Tensor, block_n: int):
+    """A tensor descriptor over x [B, H, N, D] seen as [B * H, N, D], loading [1, block_n, D]
+    tiles; rows past N read as zeros."""
+    b, h, n, d = x.shape
+    return TensorDescriptor(x, [b * h, n, d], [x.stride(1), x.stride(2), 1], [1, block_n, d])
 
 
 # --------------------------------------------------------------------------------------------
@@ -766,48 +819,12 @@ def build_block_mask(
 # 6. Block-sparse attention
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _attend(
-    acc,
-    m_i,
-    l_i,
-    q,
-    k_base,
-    v_base,
-    keys,
-    q_pos,
-    dims,
-    stride_kn,
-    stride_vn,
-    num_keys,
-    qk_scale_log2,
-    CAUSAL: tl.constexpr,
-    BOUNDED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """One online-softmax step over the key tile `keys` (log2 domain)."""
-    if BOUNDED:
-        in_range = keys[:, None] < num_keys
-        k = tl.load(k_base + keys[:, None] * stride_kn + dims[None, :], mask=in_range, other=0.0)
-        v = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :], mask=in_range, other=0.0)
-    else:
-        k = tl.load(k_base + keys[:, None] * stride_kn + dims[None, :])
-        v = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :])
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if CAUSAL:
-        qk = tl.where(keys[None, :] <= q_pos[:, None], qk, float("-inf"))
-    m_new = tl.maximum(m_i, _row_max(qk, 1) * qk_scale_log2)
-    p = tl.exp2(qk * qk_scale_log2 - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + _row_sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
-
-
-@triton.jit
 def _sparse_attention_fwd(
     Q,
     K,
     V,
+    KDesc,
+    VDesc,
     Out,
     Lse,
     Order,
@@ -830,6 +847,7 @@ def _sparse_attention_fwd(
     stride_counts_b,
     stride_counts_h,
     num_heads,
+    num_kv_heads,
     heads_per_kv,
     heads_per_group,
     num_query_tiles,
@@ -842,21 +860,23 @@ def _sparse_attention_fwd(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    DIAG_LAST: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """One program per (batch x head, query tile). It walks its mask row's first `count` entries
-    of the group's keep-first list, BLOCK_N keys at a time, with an online softmax. Heads run
-    fastest in the grid, so the heads of one KV head, which read the same (nested) K/V blocks,
-    run side by side and share them through L2.
+    of the group's keep-first list, BLOCK_N keys at a time, with an online softmax:
+
+        m' = max(m, rowmax(S) * c),  P = exp2(S * c - m'),  l' = l * exp2(m - m') + rowsum(P),
+        acc' = acc * exp2(m - m') + P @ V,    out = acc / l,  lse = (m + log2 l) * ln 2
+
+    with S = Q K^T and c = scale * log2(e). Heads run fastest in the grid, so the heads of one KV
+    head, which read the same (nested) K/V blocks, run side by side and share them through L2.
 
     Only the diagonal key block needs the causal mask (every other kept block precedes every
-    query of the row), and only the last key block can be ragged (it is the last row's
-    diagonal). Default loop (DIAG_LAST false): every tile is loaded bounds-checked and the
-    causal mask is applied, under a uniform branch, only when the tile's block is the diagonal.
-    DIAG_LAST: the main loop covers the first count-1 entries with the diagonal, if met, swapped
-    for the last entry, with unmasked loads and no branch; the diagonal (or, for an index that
-    lacks it, the last entry) follows alone with both masks. It measured 20-25% slower on an
-    H100 (bench/NOTES-kernels.md) and is kept only as an option for comparison."""
+    query of the row), applied under a uniform branch; only the last key block can be ragged.
+    K/V tiles come either through pointers, bounds-checked, or (TMA) through tensor descriptors
+    over [B * H_kv, N_k, D], which Hopper's bulk copy engine loads without per-element address
+    arithmetic and zero-fills past N_k. With TMA the (128, 128) tile fits the register and shared
+    memory budget and runs ~15% faster on an H100 (bench/NOTES-kernels.md)."""
     TILES: tl.constexpr = MASK_BLOCK // BLOCK_N
     bh = tl.program_id(0)
     # longest rows first: better tail balance
@@ -879,6 +899,7 @@ def _sparse_attention_fwd(
     )
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
+    kv_row = b * num_kv_heads + kvh  # the descriptors' leading index
     order_row = Order + b * stride_order_b + group * stride_order_g + mask_row * stride_order_m
     count = tl.load(Counts + b * stride_counts_b + h * stride_counts_h + mask_row)
 
@@ -886,43 +907,27 @@ def _sparse_attention_fwd(
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
-    if DIAG_LAST:
-        last = tl.load(order_row + tl.maximum(count - 1, 0))
-        diag_kept = last == diag
-        for it in range(0, (count - 1) * TILES):
-            block = tl.load(order_row + it // TILES)
-            diag_kept = diag_kept | (block == diag)
-            block = tl.where(block == diag, last, block)
-            keys = block * MASK_BLOCK + (it % TILES) * BLOCK_N + offs_n
-            acc, m_i, l_i = _attend(
-                acc, m_i, l_i, q, k_base, v_base, keys, q_pos, dims, stride_kn, stride_vn, num_keys,
-                qk_scale_log2, CAUSAL=False, BOUNDED=False, DOT_PRECISION=DOT_PRECISION,
-            )  # fmt: skip
-        if count > 0:
-            final = tl.where(diag_kept, diag, last)
-            key_end = tl.minimum(final * MASK_BLOCK + MASK_BLOCK, q_offset + row0 + BLOCK_M)
-            key_end = tl.minimum(key_end, num_keys)
-            for start in range(final * MASK_BLOCK, key_end, BLOCK_N):
-                acc, m_i, l_i = _attend(
-                    acc, m_i, l_i, q, k_base, v_base, start + offs_n, q_pos, dims, stride_kn, stride_vn,
-                    num_keys, qk_scale_log2, CAUSAL=True, BOUNDED=True, DOT_PRECISION=DOT_PRECISION,
-                )  # fmt: skip
-    else:
-        for it in range(0, count * TILES):
-            block = tl.load(order_row + it // TILES)
-            keys = block * MASK_BLOCK + (it % TILES) * BLOCK_N + offs_n
+    for it in range(0, count * TILES):
+        block = tl.load(order_row + it // TILES)
+        start = block * MASK_BLOCK + (it % TILES) * BLOCK_N
+        keys = start + offs_n
+        if TMA:
+            k = KDesc.load([kv_row, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+            v = VDesc.load([kv_row, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+        else:
             in_range = keys[:, None] < num_keys
             k = tl.load(k_base + keys[:, None] * stride_kn + dims[None, :], mask=in_range, other=0.0)
             v = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :], mask=in_range, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            if block == diag:
-                qk = tl.where(keys[None, :] <= q_pos[:, None], qk, float("-inf"))
-            m_new = tl.maximum(m_i, _row_max(qk, 1) * qk_scale_log2)
-            p = tl.exp2(qk * qk_scale_log2 - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + _row_sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if block == diag:
+            qk = tl.where(keys[None, :] <= q_pos[:, None], qk, float("-inf"))
+        m_new = tl.maximum(m_i, _row_max(qk, 1) * qk_scale_log2)
+        p = tl.exp2(qk * qk_scale_log2 - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + _row_sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
 
     out = acc / l_i[:, None]
     row_ok = rows < num_queries
@@ -1058,8 +1063,8 @@ def block_sparse_attention(
     tiles: tuple[int, int, int, int] | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
-    diag_last: bool = False,
     gqa_packed: bool = False,
+    tma: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention over the index's kept blocks: (out like q, lse float32 [B, Hq, Nq]).
 
@@ -1067,7 +1072,9 @@ def block_sparse_attention(
     and dtype) and `lse` (contiguous float32 [B, Hq, Nq]) are optional destinations, e.g. slices
     of a preallocated buffer. `gqa_packed` runs the variant that stacks a KV head's query heads
     in one program (needs a power-of-two ratio with BLOCK_M / ratio >= 16); see
-    bench/NOTES-kernels.md for whether it pays."""
+    bench/NOTES-kernels.md for whether it pays. `tma` picks how K/V tiles are loaded: None
+    chooses TMA descriptors where `_use_tma` allows (and then the TMA tiles), True asks for them
+    (an error if K/V cannot be described), False keeps pointers."""
     bs = index.block_size
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -1075,6 +1082,15 @@ def block_sparse_attention(
         raise ValueError(f"the Triton backend needs a power-of-two head_dim >= 16, got {d}")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    if tma is None:
+        tma = not gqa_packed and _use_tma(q, k, v, bs)
+    elif tma and not (TensorDescriptor is not None and _tma_layout_ok(k) and _tma_layout_ok(v)):
+        raise ValueError(
+            "tma=True needs Triton's TensorDescriptor and K/V describable as [B*H, N, D] with 16-byte "
+            f"aligned strides; got k strides {k.stride()}, v strides {v.stride()}"
+        )
+    if tiles is None:
+        tiles = TMA_ATTENTION_TILES[d] if tma and not gqa_packed and d in TMA_ATTENTION_TILES else None
     block_m, block_n, warps, stages = tiles or _attention_tiles(d, bs)
     order = index.block_order
     counts = index.block_counts
@@ -1102,47 +1118,17 @@ def block_sparse_attention(
         _record("attention_gqa", kernel)
         return out, lse
     num_tiles = _cdiv(nq, block_m)
+    kdesc = vdesc = None
+    if tma:
+        kdesc, vdesc = _kv_descriptor(k, block_n), _kv_descriptor(v, block_n)
     kernel = _sparse_attention_fwd[(b * hq, num_tiles)](
-        q,
-        k,
-        v,
-        out,
-        lse,
-        order,
-        counts,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        order.stride(0),
-        order.stride(1),
-        order.stride(2),
-        counts.stride(0),
-        counts.stride(1),
-        hq,
-        hq // hkv,
-        hq // index.num_groups,
-        num_tiles,
-        nq,
-        nk,
-        q_offset,
-        scale * LOG2E,
-        MASK_BLOCK=bs,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        HEAD_DIM=d,
-        DOT_PRECISION=_dot_precision(q.dtype),
-        DIAG_LAST=diag_last,
-        num_warps=warps,
-        num_stages=stages,
-    )
-    _record("attention", kernel)
+        q, k, v, kdesc, vdesc, out, lse, order, counts,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        order.stride(0), order.stride(1), order.stride(2), counts.stride(0), counts.stride(1),
+        hq, hkv, hq // hkv, hq // index.num_groups, num_tiles, nq, nk, q_offset, scale * LOG2E,
+        MASK_BLOCK=bs, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d,
+        DOT_PRECISION=_dot_precision(q.dtype), TMA=bool(tma), num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    _record("attention_tma" if tma else "attention", kernel)
     return out, lse

@@ -61,12 +61,13 @@ CASES = [
 
 
 @pytest.mark.parametrize("b,hq,hkv,g,nq,q_offset,d,dtype,density", CASES)
-def test_sparse_attention_against_float32_reference(b, hq, hkv, g, nq, q_offset, d, dtype, density):
+@pytest.mark.parametrize("tma", [None, False], ids=["auto", "pointers"])
+def test_sparse_attention_against_float32_reference(b, hq, hkv, g, nq, q_offset, d, dtype, density, tma):
     q, k, v = make_qkv(b, hq, hkv, nq, d, q_offset, dtype, seed=nq + d)
     index = random_index(b, hq, g, nq, q_offset + nq, 128, q_offset, density, seed=b * 7 + g)
     out = torch.full_like(q, float("nan"))
     lse = torch.full((b, hq, nq), float("nan"), device=DEVICE)
-    tb.block_sparse_attention(q, k, v, index, q_offset, out=out, lse=lse)
+    tb.block_sparse_attention(q, k, v, index, q_offset, out=out, lse=lse, tma=tma)
     ref_out, ref_lse = ref.block_sparse_attention(q.float(), k.float(), v.float(), index, q_offset)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()  # every element written
     assert rel_err(out, ref_out) <= 1e-2
@@ -83,6 +84,29 @@ def test_gqa_packed_variant_against_float32_reference(tiles):
     lse = torch.full((1, 32, 8192 + 40), float("nan"), device=DEVICE)
     tb.block_sparse_attention(q, k, v, index, out=out, lse=lse, tiles=tiles, gqa_packed=True)
     ref_out, ref_lse = ref.block_sparse_attention(q.float(), k.float(), v.float(), index)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert rel_err(out, ref_out) <= 1e-2
+    assert rel_err(lse, ref_lse) <= 1e-3
+
+
+@pytest.mark.skipif(torch.cuda.get_device_capability()[0] < 9, reason="TMA needs Hopper or later")
+def test_tma_path_on_a_kv_cache_slice_with_a_poisoned_tail():
+    """Auto dispatch takes TMA for d=128 on Hopper; the descriptors stop at N, so the NaN tail of
+    the cache buffer (reached by the ragged last block's tiles) never enters the result."""
+    b, hq, hkv, nq, q_offset, d = 2, 16, 4, 2048 + 33, 1024, 128
+    nk = q_offset + nq
+    q, k, v = make_qkv(b, hq, hkv, nq, d, q_offset, torch.bfloat16, seed=29)
+    k_cache = torch.full((b, hkv, nk + 500, d), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    k_cache[:, :, :nk], v_cache[:, :, :nk] = k, v
+    k_view, v_view = k_cache[:, :, :nk], v_cache[:, :, :nk]
+    assert tb._use_tma(q, k_view, v_view, 128)
+    index = random_index(b, hq, 2, nq, nk, 128, q_offset, 0.5, seed=8)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((b, hq, nq), float("nan"), device=DEVICE)
+    tb.block_sparse_attention(q, k_view, v_view, index, q_offset, out=out, lse=lse)
+    assert "attention_tma" in tb.KERNEL_RESOURCES
+    ref_out, ref_lse = ref.block_sparse_attention(q.float(), k.float(), v.float(), index, q_offset)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert rel_err(out, ref_out) <= 1e-2
     assert rel_err(lse, ref_lse) <= 1e-3

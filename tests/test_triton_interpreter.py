@@ -91,12 +91,13 @@ ATTENTION_CASES = [
 
 @pytest.mark.parametrize("b,hq,hkv,g,nq,q_offset,d,bs", ATTENTION_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_sparse_attention_matches_reference(b, hq, hkv, g, nq, q_offset, d, bs, dtype):
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_sparse_attention_matches_reference(b, hq, hkv, g, nq, q_offset, d, bs, dtype, tma):
     q, k, v = make_qkv(b, hq, hkv, nq, d, q_offset, seed=nq + d, dtype=dtype)
     # sink and diagonal blocks forced, plus random top-k picks: every row keeps its diagonal
     index = random_index(b, hq, g, nq, q_offset + nq, bs, q_offset, seed=bs)
     assert index.density() < 1.0
-    out, lse = tb.block_sparse_attention(q, k, v, index, q_offset)
+    out, lse = tb.block_sparse_attention(q, k, v, index, q_offset, tma=tma)
     ref_out, ref_lse = ref.block_sparse_attention(q.float(), k.float(), v.float(), index, q_offset)
     assert out.dtype == dtype and out.shape == q.shape
     assert lse.dtype == torch.float32 and lse.shape == (b, hq, nq)
@@ -120,27 +121,47 @@ def test_dense_index_equals_plain_causal_attention(q_offset, nq):
     assert torch.allclose(lse, torch.logsumexp(logits, -1), atol=1e-5)
 
 
-def test_sparse_attention_reads_non_contiguous_inputs():
-    """Hugging Face hands over views ([B, N, H, d] storage transposed); strides must be honoured."""
-    b, hq, hkv, nq, d, bs = 1, 4, 2, 48, 32, 16
+@pytest.mark.parametrize("b", [1, 2])
+def test_sparse_attention_reads_non_contiguous_inputs(b):
+    """Hugging Face hands over views ([B, N, H, d] storage transposed); strides must be honoured.
+    With batch 1 such a view is still a [H, N, d] strided tensor for TMA; with batch 2 its batch
+    stride is not H head strides, so TMA cannot describe it and asking for it is an error."""
+    hq, hkv, nq, d, bs = 4, 2, 48, 32, 16
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(b, nq, hq, d, generator=gen).transpose(1, 2)
     k = torch.randn(b, nq, hkv, d, generator=gen).transpose(1, 2)
     v = torch.randn(b, nq, hkv, d, generator=gen).transpose(1, 2)
-    index = random_index(
-        b,
-        hq,
-        1,
-        nq,
-        nq,
-        bs,
-        0,
-        seed=5,
-        cfg=ProxyAttnConfig(dense_below_tokens=0, block_size=bs, min_budget_tokens=bs),
-    )
-    out, lse = tb.block_sparse_attention(q, k, v, index)
+    cfg = ProxyAttnConfig(dense_below_tokens=0, block_size=bs, min_budget_tokens=bs)
+    index = random_index(b, hq, 1, nq, nq, bs, 0, seed=5, cfg=cfg)
     ref_out, ref_lse = ref.block_sparse_attention(q, k, v, index)
+    for tma in [False, True] if b == 1 else [False]:
+        out, lse = tb.block_sparse_attention(q, k, v, index, tma=tma)
+        assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5)
+    if b > 1:
+        with pytest.raises(ValueError, match="tma=True"):
+            tb.block_sparse_attention(q, k, v, index, tma=True)
+
+
+def test_tma_reads_a_kv_cache_slice_and_zero_fills_past_its_end():
+    """The engine's K/V are slices [:, :, :N] of a longer cache buffer. The TMA descriptors are
+    bounded at N, so the NaN-poisoned tail of the buffer is never read (the last block is
+    ragged and its tail keys would otherwise reach it)."""
+    b, hq, hkv, nq, q_offset, d, bs = 2, 4, 2, 37, 16, 32, 16
+    nk, capacity = q_offset + nq, 96
+    q, k, v = make_qkv(b, hq, hkv, nq, d, q_offset, seed=21)
+    k_cache = torch.full((b, hkv, capacity, d), float("nan"))
+    v_cache = torch.full((b, hkv, capacity, d), float("nan"))
+    k_cache[:, :, :nk], v_cache[:, :, :nk] = k, v
+    index = random_index(b, hq, 2, nq, nk, bs, q_offset, seed=4)
+    out, lse = tb.block_sparse_attention(q, k_cache[:, :, :nk], v_cache[:, :, :nk], index, q_offset, tma=True)
+    ref_out, ref_lse = ref.block_sparse_attention(q, k, v, index, q_offset)
+    assert torch.isfinite(out).all()
     assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5)
+
+
+def test_auto_tma_stays_off_without_a_gpu():
+    q, k, v = make_qkv(1, 2, 1, 32, 128, 0, seed=2, dtype=torch.float16)
+    assert not tb._use_tma(q, k, v, 128)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,17 +309,17 @@ def test_auto_backend_on_cpu_uses_the_reference(monkeypatch):
     assert torch.allclose(out, kernels.proxy_attention(q, k, v, cfg, backend="torch"))
 
 
-@pytest.mark.parametrize("diag_last", [True, False])
-def test_index_without_the_diagonal_block(diag_last):
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_index_without_the_diagonal_block(tma):
     """A hand-made index whose rows stop before their diagonal block (no built index does that):
-    no causal mask is needed then, and both loop layouts must still match the reference."""
+    no causal mask is needed then, and both K/V load paths must still match the reference."""
     b, hq, hkv, nq, d, bs, q_offset = 1, 2, 1, 80, 16, 16, 32
     q, k, v = make_qkv(b, hq, hkv, nq, d, q_offset, seed=13)
     index = BlockSparseIndex.dense(b, hq, 1, nq, q_offset + nq, bs, q_offset)
     # head 0 drops its diagonal block, head 1 keeps only the first block of each row
     index.block_counts[:, 0] -= 1
     index.block_counts[:, 1] = 1
-    out, lse = tb.block_sparse_attention(q, k, v, index, q_offset, diag_last=diag_last)
+    out, lse = tb.block_sparse_attention(q, k, v, index, q_offset, tma=tma)
     ref_out, ref_lse = ref.block_sparse_attention(q, k, v, index, q_offset)
     assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5)
 
