@@ -56,6 +56,18 @@ from proxyprefill.kernels import triton_backend as tb  # noqa: E402
 
 LOG2E = 1.4426950408889634
 
+# The production kernels' last compiled launches (for their TTGIR), caught at tb._record.
+LAUNCHED: dict = {}
+_record = tb._record
+
+
+def _record_and_keep(name, kernel):
+    LAUNCHED[name] = kernel
+    _record(name, kernel)
+
+
+tb._record = _record_and_keep
+
 
 @triton.jit
 def _variant_fwd(
@@ -324,19 +336,21 @@ def measure(
                 if flags is None:
                     kernel_name = "attention_tma" if tb._use_tma(q, k, v, BS) else "attention"
                     resources = dict(tb.KERNEL_RESOURCES.get(kernel_name, {}), kernel=kernel_name)
-                    lowered = {}
+                    kernel = LAUNCHED.get(kernel_name)
+                    lowered = ttgir_summary(kernel)
                 else:
                     kernel = got[2]
+                    lowered = ttgir_summary(kernel)
                     resources = {
                         "registers": kernel.n_regs,
                         "spills": kernel.n_spills,
                         "shared_bytes": kernel.metadata.shared,
                     }
-                    lowered = ttgir_summary(kernel)
-                    if dump_ir is not None and n == lengths[0] and sparsity == sparsities[0]:
-                        dump_ir.mkdir(parents=True, exist_ok=True)
-                        for kind in ("ttgir", "ptx"):
-                            (dump_ir / f"{name}.{kind}").write_text(kernel.asm.get(kind, ""))
+                first_case = n == lengths[0] and sparsity == sparsities[0]
+                if dump_ir is not None and kernel is not None and first_case:
+                    dump_ir.mkdir(parents=True, exist_ok=True)
+                    for kind in ("ttgir", "ptx"):
+                        (dump_ir / f"{name}.{kind}").write_text(kernel.asm.get(kind, ""))
                 tflops = 4 * D * pairs / timing["median_ms"] / 1e9
                 eff = timing["median_ms"] / (pairs / causal_pairs(n) * base["median_ms"])
                 row = {
