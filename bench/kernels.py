@@ -263,12 +263,13 @@ def crossover(lengths: list[int], cudnn, result: dict) -> None:
 CROSSOVER_CONFIGS = {
     # natural budgets, default settings (min budget 2048 tokens), structured inputs
     "default gamma0.95": ProxyAttnConfig(),
-    # budgets forced near a fixed causal sparsity (plus sink and diagonal), estimation included
+    # budgets forced near a fixed causal sparsity (plus sink and diagonal), estimation included,
+    # sparse path at every length (no dense fallback)
     "sparsity~0.7": ProxyAttnConfig(
-        budget="gamma+power", gamma=0.01, alpha=0.3, exponent=1.0, min_budget_tokens=0
+        budget="gamma+power", gamma=0.01, alpha=0.3, exponent=1.0, min_budget_tokens=0, dense_below_tokens=0
     ),
     "sparsity~0.9": ProxyAttnConfig(
-        budget="gamma+power", gamma=0.01, alpha=0.1, exponent=1.0, min_budget_tokens=0
+        budget="gamma+power", gamma=0.01, alpha=0.1, exponent=1.0, min_budget_tokens=0, dense_below_tokens=0
     ),
 }
 
@@ -551,6 +552,7 @@ def main() -> None:
     )
     parser.add_argument("--no-fa2", action="store_true")
     parser.add_argument("--crossover", type=int, nargs="*", default=[4096, 8192, 12288, 16384, 24576, 32768])
+    parser.add_argument("--crossover-only", action="store_true", help="only the crossover series")
     parser.add_argument("--tune", action="store_true", help="time attention tile variants, then stop")
     parser.add_argument("--tune-gqa", action="store_true", help="with --tune: only the GQA-packed comparison")
     parser.add_argument("--out", type=Path, default=None)
@@ -598,7 +600,7 @@ def main() -> None:
     rows = result["rows"]
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    for n in args.lengths:
+    for n in [] if args.crossover_only else args.lengths:
         run_length(n, args, cudnn, fa2, flex, rows)
         torch.cuda.empty_cache()
         out_path.write_text(json.dumps(result, indent=1))  # partial results survive a time limit
