@@ -367,10 +367,10 @@ def measure(
     return result
 
 
-def profile_target(which: str, n: int) -> None:
+def profile_target(which: str, n: int, sparsity: float) -> None:
     """Warm-up launch, then exactly one timed launch of the target (for ncu --launch-skip 1)."""
     q, k, v = random_inputs(n, seed=n)
-    index = forced_index(n, 0.0, seed=n + 1)
+    index = forced_index(n, sparsity, seed=n + 1)
     if which == "ours":
         fn = lambda: tb.block_sparse_attention(q, k, v, index)  # noqa: E731
     elif which == "cudnn":
@@ -400,7 +400,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.profile:
-        profile_target(args.profile, args.lengths[0])
+        profile_target(args.profile, args.lengths[0], args.sparsities[0])
         return
     result = measure(args.lengths, args.sparsities, args.variants, args.repeats, args.dump_ir)
     gpu = torch.cuda.get_device_name().replace("NVIDIA ", "").split()[0].lower()
