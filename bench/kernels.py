@@ -525,6 +525,9 @@ def markdown_tables(result: dict) -> str:
 
 
 def git_commit() -> str:
+    """GIT_COMMIT when set (a copied working tree can carry an older .git), else git's HEAD."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "HEAD"],
@@ -534,7 +537,7 @@ def git_commit() -> str:
             cwd=Path(__file__).parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("GIT_COMMIT", "unknown")
+        return "unknown"
 
 
 def rel_err(x, y) -> float:
