@@ -13,7 +13,8 @@ block. This file holds one experimental kernel whose loop can be switched, piece
 - DIAG_FIRST: the index lists the diagonal block first; it is attended alone with the causal
   mask, and the remaining entries run in a loop with no mask, no bounds and no branch;
 - WARP_SPECIALIZE: `tl.range(..., warp_specialize=True)` (documented for Blackwell; tried here
-  to see whether Hopper takes it).
+  to see whether Hopper takes it);
+- QO_TMA: Q loaded and O stored through descriptors as well (less work outside the key loop).
 
 Each variant is checked against the production kernel on the same inputs, then timed (CUDA
 events, median) on the dense mask and a 90%-sparse forced mask; its TTGIR is searched for the
@@ -76,6 +77,8 @@ def _variant_fwd(
     V,
     KDesc,
     VDesc,
+    QDesc,
+    ODesc,
     Out,
     Lse,
     Order,
@@ -104,6 +107,7 @@ def _variant_fwd(
     ACC_IN_DOT: tl.constexpr,
     DIAG_FIRST: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    QO_TMA: tl.constexpr,
 ):
     """Batch 1, q_offset 0 (enough for the benchmark); see the module docstring for the flags."""
     TILES: tl.constexpr = MASK_BLOCK // BLOCK_N
@@ -118,9 +122,12 @@ def _variant_fwd(
     rows = row0 + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
-    q = tl.load(
-        Q + h * stride_qh + rows[:, None] * stride_qn + dims[None, :], mask=rows[:, None] < num_queries
-    )
+    if QO_TMA:
+        q = QDesc.load([h, row0, 0]).reshape(BLOCK_M, HEAD_DIM)
+    else:
+        q = tl.load(
+            Q + h * stride_qh + rows[:, None] * stride_qn + dims[None, :], mask=rows[:, None] < num_queries
+        )
     k_base = K + kvh * stride_kh
     v_base = V + kvh * stride_kh
     order_row = Order + group * stride_order_g + mask_row * stride_order_m
@@ -182,11 +189,14 @@ def _variant_fwd(
 
     out = acc / l_i[:, None]
     row_ok = rows < num_queries
-    tl.store(
-        Out + h * stride_oh + rows[:, None] * stride_on + dims[None, :],
-        out.to(Out.dtype.element_ty),
-        mask=row_ok[:, None],
-    )
+    if QO_TMA:
+        ODesc.store([h, row0, 0], out.to(Out.dtype.element_ty).reshape(1, BLOCK_M, HEAD_DIM))
+    else:
+        tl.store(
+            Out + h * stride_oh + rows[:, None] * stride_on + dims[None, :],
+            out.to(Out.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
     tl.store(Lse + h * num_queries + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
 
 
@@ -215,14 +225,17 @@ def run_variant(q, k, v, index, flags: dict, tiles: tuple[int, int, int, int]):
     hkv, nk = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(1, hq, nq, dtype=torch.float32, device=q.device)
-    kdesc = vdesc = None
+    kdesc = vdesc = qdesc = odesc = None
+    if flags.get("QO_TMA"):
+        qdesc = TensorDescriptor(q[0], [hq, nq, d], [q.stride(1), q.stride(2), 1], [1, block_m, d])
+        odesc = TensorDescriptor(out[0], [hq, nq, d], [out.stride(1), out.stride(2), 1], [1, block_m, d])
     if flags["TMA"]:
         kdesc = TensorDescriptor(k[0], [hkv, nk, d], [k.stride(1), k.stride(2), 1], [1, block_n, d])
         vdesc = TensorDescriptor(v[0], [hkv, nk, d], [v.stride(1), v.stride(2), 1], [1, block_n, d])
     num_tiles = triton.cdiv(nq, block_m)
     order, counts = index.block_order, index.block_counts
     kernel = _variant_fwd[(hq, num_tiles)](
-        q, k, v, kdesc, vdesc, out, lse, order, counts,
+        q, k, v, kdesc, vdesc, qdesc, odesc, out, lse, order, counts,
         q.stride(1), q.stride(2), k.stride(1), k.stride(2), out.stride(1), out.stride(2),
         order.stride(1), order.stride(2), counts.stride(1),
         hq, hq // hkv, hq // index.num_groups, num_tiles, nq, nk, LOG2E / math.sqrt(d),
@@ -245,8 +258,10 @@ def ttgir_summary(kernel) -> dict:
     return {key: ir.count(op) for key, op in names.items()}
 
 
-def _flags(tma=False, acc_in_dot=True, diag_first=False, warp_specialize=False) -> dict:
-    return dict(TMA=tma, ACC_IN_DOT=acc_in_dot, DIAG_FIRST=diag_first, WARP_SPECIALIZE=warp_specialize)
+def _flags(tma=False, acc_in_dot=True, diag_first=False, warp_specialize=False, qo_tma=False) -> dict:
+    return dict(
+        TMA=tma, ACC_IN_DOT=acc_in_dot, DIAG_FIRST=diag_first, WARP_SPECIALIZE=warp_specialize, QO_TMA=qo_tma
+    )
 
 
 # name -> (flags, (BLOCK_M, BLOCK_N, num_warps, num_stages)); flags None = the production kernel
@@ -269,6 +284,9 @@ VARIANTS = {
     "tma_m64_s3": (_flags(tma=True), (64, 64, 4, 3)),
     "ptr_m64_s2": (_flags(), (64, 64, 4, 2)),
     "tma_m64_n128_s2": (_flags(tma=True), (64, 128, 4, 2)),
+    # third round: Q and O through descriptors too (less work outside the key loop)
+    "tma_qo_n128_s3": (_flags(tma=True, qo_tma=True), (128, 128, 8, 3)),
+    "tma_qo_m64_s3": (_flags(tma=True, qo_tma=True), (64, 64, 4, 3)),
 }
 ROUND_TWO = [
     "production",
@@ -380,7 +398,7 @@ def profile_target(which: str, n: int, sparsity: float) -> None:
         cudnn = sdpa(SDPBackend.CUDNN_ATTENTION)
         fn = lambda: cudnn(q, kr, vr)  # noqa: E731
     else:
-        flags = dict(TMA=True, ACC_IN_DOT=True, DIAG_FIRST=True, WARP_SPECIALIZE=False)
+        flags = _flags(tma=True, diag_first=True)
         first = diagonal_first(index)
         fn = lambda: run_variant(q, k, v, first, flags, (128, 64, 8, 3))  # noqa: E731
     fn()
