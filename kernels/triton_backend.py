@@ -21,7 +21,8 @@ Kernels:
   block, split over key ranges for parallelism (partial row max/sum, merged, then per key block
   probability mass).
 - `_sparse_attention_fwd`: FlashAttention forward over each row's kept key blocks, causal mask
-  only on the diagonal block, K/V read through the KV head (GQA, no repeat in memory).
+  only on the diagonal block, K/V read through the KV head (GQA, no repeat in memory), by TMA
+  tensor descriptors on Hopper and later, by pointers elsewhere.
 The index build uses torch sort/gather on the device (cheap at Nk_blocks <= a few thousand).
 """
 
@@ -91,7 +92,7 @@ ATTENTION_TILES: dict[int, tuple[int, int, int, int]] = {
     128: (128, 64, 8, 3),
 }
 # With K/V through TMA tensor descriptors (Hopper and later; head dims measured so far). The
-# (128, 128) tile with 3 stages takes 232 registers and 224 KiB of shared memory on an H100.
+# (128, 128) tile with 3 stages takes 233 registers and 224 KiB of shared memory on an H100.
 TMA_ATTENTION_TILES: dict[int, tuple[int, int, int, int]] = {
     128: (128, 128, 8, 3),
 }
@@ -876,7 +877,7 @@ def _sparse_attention_fwd(
     K/V tiles come either through pointers, bounds-checked, or (TMA) through tensor descriptors
     over [B * H_kv, N_k, D], which Hopper's bulk copy engine loads without per-element address
     arithmetic and zero-fills past N_k. With TMA the (128, 128) tile fits the register and shared
-    memory budget and runs ~15% faster on an H100 (bench/NOTES-kernels.md)."""
+    memory budget and runs 10-12% faster on an H100 (bench/NOTES-kernels.md)."""
     TILES: tl.constexpr = MASK_BLOCK // BLOCK_N
     bh = tl.program_id(0)
     # longest rows first: better tail balance
