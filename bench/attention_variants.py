@@ -14,7 +14,9 @@ block. This file holds one experimental kernel whose loop can be switched, piece
   mask, and the remaining entries run in a loop with no mask, no bounds and no branch;
 - WARP_SPECIALIZE: `tl.range(..., warp_specialize=True)` (documented for Blackwell; tried here
   to see whether Hopper takes it);
-- QO_TMA: Q loaded and O stored through descriptors as well (less work outside the key loop).
+- QO_TMA: Q loaded and O stored through descriptors as well (less work outside the key loop);
+- PERSISTENT (a separate kernel, `_persistent_fwd`): one program per SM walking the tiles, with
+  FLATTEN asking Triton to pipeline across the tile and key loops.
 
 Each variant is checked against the production kernel on the same inputs, then timed (CUDA
 events, median) on the dense mask and a 90%-sparse forced mask; its TTGIR is searched for the
@@ -200,6 +202,72 @@ def _variant_fwd(
     tl.store(Lse + h * num_queries + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
 
 
+@triton.jit
+def _persistent_fwd(
+    KDesc,
+    VDesc,
+    QDesc,
+    ODesc,
+    Lse,
+    Order,
+    Counts,
+    stride_order_g,
+    stride_order_m,
+    stride_counts_h,
+    num_heads,
+    heads_per_kv,
+    heads_per_group,
+    num_query_tiles,
+    num_queries,
+    qk_scale_log2,
+    MASK_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    FLATTEN: tl.constexpr,
+):
+    """PERSISTENT: one program per SM walks (head, query tile) pairs, longest rows first, with
+    every tile through descriptors; FLATTEN asks Triton to flatten the tile and key loops into
+    one software-pipelined loop, so one tile's start and end can overlap another's keys."""
+    TILES: tl.constexpr = MASK_BLOCK // BLOCK_N
+    total = num_heads * num_query_tiles
+    offs_n = tl.arange(0, BLOCK_N)
+    for t in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=FLATTEN):
+        h = t % num_heads
+        tile_m = num_query_tiles - 1 - t // num_heads
+        kvh = h // heads_per_kv
+        group = h // heads_per_group
+        row0 = tile_m * BLOCK_M
+        mask_row = row0 // MASK_BLOCK
+        rows = row0 + tl.arange(0, BLOCK_M)
+        q = QDesc.load([h, row0, 0]).reshape(BLOCK_M, HEAD_DIM)
+        order_row = Order + group * stride_order_g + mask_row * stride_order_m
+        count = tl.load(Counts + h * stride_counts_h + mask_row)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+        acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
+        for it in tl.range(0, count * TILES):
+            block = tl.load(order_row + it // TILES)
+            start = block * MASK_BLOCK + (it % TILES) * BLOCK_N
+            k = KDesc.load([kvh, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+            v = VDesc.load([kvh, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+            qk = tl.dot(q, tl.trans(k))
+            if block == mask_row:
+                qk = tl.where((start + offs_n)[None, :] <= rows[:, None], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale_log2)
+            p = tl.exp2(qk * qk_scale_log2 - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        ODesc.store([h, row0, 0], out.to(q.dtype).reshape(1, BLOCK_M, HEAD_DIM))
+        tl.store(
+            Lse + h * num_queries + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rows < num_queries
+        )
+
+
 def diagonal_first(index: BlockSparseIndex) -> BlockSparseIndex:
     """The same kept sets with each row's diagonal block moved to the front of its list."""
     order = index.block_order.clone()
@@ -234,6 +302,16 @@ def run_variant(q, k, v, index, flags: dict, tiles: tuple[int, int, int, int]):
         vdesc = TensorDescriptor(v[0], [hkv, nk, d], [v.stride(1), v.stride(2), 1], [1, block_n, d])
     num_tiles = triton.cdiv(nq, block_m)
     order, counts = index.block_order, index.block_counts
+    if flags.get("PERSISTENT"):
+        programs = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 3
+        kernel = _persistent_fwd[(programs,)](
+            kdesc, vdesc, qdesc, odesc, lse, order, counts,
+            order.stride(1), order.stride(2), counts.stride(1),
+            hq, hq // hkv, hq // index.num_groups, num_tiles, nq, LOG2E / math.sqrt(d),
+            MASK_BLOCK=index.block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d,
+            FLATTEN=flags["FLATTEN"], num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        return out, lse, kernel
     kernel = _variant_fwd[(hq, num_tiles)](
         q, k, v, kdesc, vdesc, qdesc, odesc, out, lse, order, counts,
         q.stride(1), q.stride(2), k.stride(1), k.stride(2), out.stride(1), out.stride(2),
@@ -287,6 +365,9 @@ VARIANTS = {
     # third round: Q and O through descriptors too (less work outside the key loop)
     "tma_qo_n128_s3": (_flags(tma=True, qo_tma=True), (128, 128, 8, 3)),
     "tma_qo_m64_s3": (_flags(tma=True, qo_tma=True), (64, 64, 4, 3)),
+    # fourth round: a persistent grid, with and without flattening the loop nest
+    "persistent": (dict(_flags(tma=True, qo_tma=True), PERSISTENT=True, FLATTEN=False), (128, 128, 8, 3)),
+    "persistent_flat": (dict(_flags(tma=True, qo_tma=True), PERSISTENT=True, FLATTEN=True), (128, 128, 8, 3)),
 }
 ROUND_TWO = [
     "production",
