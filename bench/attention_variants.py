@@ -207,13 +207,15 @@ def _persistent_fwd(
     KDesc,
     VDesc,
     QDesc,
-    ODesc,
+    Out,
     Lse,
     Order,
     Counts,
     stride_order_g,
     stride_order_m,
     stride_counts_h,
+    stride_oh,
+    stride_on,
     num_heads,
     heads_per_kv,
     heads_per_group,
@@ -227,7 +229,8 @@ def _persistent_fwd(
     FLATTEN: tl.constexpr,
 ):
     """PERSISTENT: one program per SM walks (head, query tile) pairs, longest rows first, with
-    every tile through descriptors; FLATTEN asks Triton to flatten the tile and key loops into
+    K/V/Q through descriptors (O through pointers: a TMA store buffer would not fit beside three
+    K/V stages); FLATTEN asks Triton to flatten the tile and key loops into
     one software-pipelined loop, so one tile's start and end can overlap another's keys."""
     TILES: tl.constexpr = MASK_BLOCK // BLOCK_N
     total = num_heads * num_query_tiles
@@ -262,7 +265,12 @@ def _persistent_fwd(
             acc = tl.dot(p.to(v.dtype), v, acc)
             m_i = m_new
         out = acc / l_i[:, None]
-        ODesc.store([h, row0, 0], out.to(q.dtype).reshape(1, BLOCK_M, HEAD_DIM))
+        dims = tl.arange(0, HEAD_DIM)
+        tl.store(
+            Out + h * stride_oh + rows[:, None] * stride_on + dims[None, :],
+            out.to(q.dtype),
+            mask=(rows < num_queries)[:, None],
+        )
         tl.store(
             Lse + h * num_queries + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rows < num_queries
         )
@@ -305,8 +313,8 @@ def run_variant(q, k, v, index, flags: dict, tiles: tuple[int, int, int, int]):
     if flags.get("PERSISTENT"):
         programs = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 3
         kernel = _persistent_fwd[(programs,)](
-            kdesc, vdesc, qdesc, odesc, lse, order, counts,
-            order.stride(1), order.stride(2), counts.stride(1),
+            kdesc, vdesc, qdesc, out, lse, order, counts,
+            order.stride(1), order.stride(2), counts.stride(1), out.stride(1), out.stride(2),
             hq, hq // hkv, hq // index.num_groups, num_tiles, nq, LOG2E / math.sqrt(d),
             MASK_BLOCK=index.block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d,
             FLATTEN=flags["FLATTEN"], num_warps=warps, num_stages=stages,
