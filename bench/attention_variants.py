@@ -1,6 +1,6 @@
 """Block-sparse attention forward: loop variants measured against the production kernel.
 
-    python bench/attention_variants.py                      # the variant table (H100: ~3 minutes)
+    python bench/attention_variants.py                      # the variant table (H100: ~1 minute)
     python bench/attention_variants.py --profile ours       # one launch for ncu (see bench/NOTES-kernels.md)
 
 The production kernel (`kernels/triton_backend._sparse_attention_fwd`) walks a row's keep-first
