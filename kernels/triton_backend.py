@@ -1075,7 +1075,8 @@ def block_sparse_attention(
     in one program (needs a power-of-two ratio with BLOCK_M / ratio >= 16); see
     bench/NOTES-kernels.md for whether it pays. `tma` picks how K/V tiles are loaded: None
     chooses TMA descriptors where `_use_tma` allows (and then the TMA tiles), True asks for them
-    (an error if K/V cannot be described), False keeps pointers."""
+    (an error if K/V cannot be described), False keeps pointers; the GQA-packed variant always
+    loads through pointers."""
     bs = index.block_size
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
