@@ -96,6 +96,47 @@ class PrefillResult:
         return to_dynamic_cache(self.keys, self.values)
 
 
+def token_tensor(token_ids, vocab_size: int, max_positions: int | None = None) -> torch.Tensor:
+    """Prompt token ids as a CPU int64 [N] tensor, or PrefillError naming what is wrong: text
+    instead of ids, non-integers, wrong shape, empty, outside the vocabulary, or (when
+    max_positions is given) longer than the model allows. Accepts lists, tuples, numpy arrays
+    and tensors of shape [N] or [1, N]."""
+    if isinstance(token_ids, torch.Tensor):
+        ids = token_ids.detach()
+        if ids.dim() == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        if ids.dim() != 1:
+            raise PrefillError(f"token_ids must be 1-D (or [1, N]), got shape {tuple(token_ids.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+            raise PrefillError(f"token_ids must be integers, got {ids.dtype}")
+        ids = ids.to("cpu", torch.int64)
+    else:
+        if isinstance(token_ids, str | bytes):
+            raise PrefillError("token_ids must be a sequence of integers, not text; tokenize first")
+        if hasattr(token_ids, "__array__") and not isinstance(token_ids, list | tuple):
+            return token_tensor(torch.as_tensor(token_ids), vocab_size, max_positions)  # numpy arrays
+        values = []
+        for position, value in enumerate(token_ids):
+            try:
+                if isinstance(value, bool):
+                    raise TypeError
+                values.append(operator.index(value))  # int and numpy integers, not floats
+            except TypeError:
+                raise PrefillError(f"token id {value!r} at position {position} is not an integer") from None
+        ids = torch.tensor(values, dtype=torch.int64)
+    if ids.numel() == 0:
+        raise PrefillError("token_ids is empty; a prompt needs a non-empty sequence of token ids")
+    bad = ((ids < 0) | (ids >= vocab_size)).nonzero()
+    if bad.numel():
+        position = int(bad[0, 0])
+        raise PrefillError(
+            f"token id {int(ids[position])} at position {position} is outside the vocabulary ({vocab_size})"
+        )
+    if max_positions is not None and ids.numel() > max_positions:
+        raise PrefillError(f"prompt has {ids.numel()} tokens; the model allows at most {max_positions}")
+    return ids
+
+
 class PrefillEngine:
     """A loaded model plus the settings of its prefill attention."""
 
@@ -171,44 +212,8 @@ class PrefillEngine:
 
     # validation ------------------------------------------------------------------------------
     def _token_tensor(self, token_ids) -> torch.Tensor:
-        if isinstance(token_ids, torch.Tensor):
-            ids = token_ids.detach()
-            if ids.dim() == 2 and ids.shape[0] == 1:
-                ids = ids[0]
-            if ids.dim() != 1:
-                raise PrefillError(f"token_ids must be 1-D (or [1, N]), got shape {tuple(token_ids.shape)}")
-            if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
-                raise PrefillError(f"token_ids must be integers, got {ids.dtype}")
-            ids = ids.to("cpu", torch.int64)
-        else:
-            if isinstance(token_ids, str | bytes):
-                raise PrefillError("token_ids must be a sequence of integers, not text; tokenize first")
-            if hasattr(token_ids, "__array__") and not isinstance(token_ids, list | tuple):
-                return self._token_tensor(torch.as_tensor(token_ids))  # numpy arrays
-            values = []
-            for position, value in enumerate(token_ids):
-                try:
-                    if isinstance(value, bool):
-                        raise TypeError
-                    values.append(operator.index(value))  # int and numpy integers, not floats
-                except TypeError:
-                    raise PrefillError(
-                        f"token id {value!r} at position {position} is not an integer"
-                    ) from None
-            ids = torch.tensor(values, dtype=torch.int64)
-        if ids.numel() == 0:
-            raise PrefillError("token_ids is empty")
-        vocab = self.model_info.vocab_size
-        bad = ((ids < 0) | (ids >= vocab)).nonzero()
-        if bad.numel():
-            position = int(bad[0, 0])
-            raise PrefillError(
-                f"token id {int(ids[position])} at position {position} is outside the vocabulary ({vocab})"
-            )
-        limit = self.model_info.max_position_embeddings
-        if ids.numel() > limit:
-            raise PrefillError(f"prompt has {ids.numel()} tokens; the model allows at most {limit}")
-        return ids
+        info = self.model_info
+        return token_tensor(token_ids, info.vocab_size, info.max_position_embeddings)
 
     def _logit_positions(self, logits, num_tokens: int) -> list[int]:
         if isinstance(logits, str):

@@ -46,7 +46,7 @@ import torch
 
 from ..kernels.config import ProxyAttnConfig
 from . import attention as attention_mod
-from .engine import PrefillError, PrefillResult, _available_memory_bytes, token_ids_sha256
+from .engine import PrefillError, PrefillResult, _available_memory_bytes, token_ids_sha256, token_tensor
 from .kv_cache import PreallocatedKVCache
 from .kv_files import KVHeader
 from .model import ModelInfo, check_supported, load_model, model_info_from_config
@@ -712,7 +712,9 @@ class ShardedPrefill:
         result.extra: request_id, timeline (PipelineTimeline), ttft_s (submission to the last
         chunk's logits), kv_bytes (reserved on the stages), attempts, layer_ranges.
         """
-        tokens = self._check_tokens(token_ids)
+        # the engine's id checks; the prompt's length is bounded by the planner's memory check,
+        # not by max_position_embeddings
+        tokens = token_tensor(token_ids, self.model_info.vocab_size)
         mode, config = attention or self.attention, config or self.config
         if mode not in attention_mod.MODES:
             raise PrefillError(f"attention must be one of {attention_mod.MODES}, got {mode!r}")
@@ -749,25 +751,6 @@ class ShardedPrefill:
             result.extra["attempts"] = attempt
             return result
         raise AssertionError("unreachable")
-
-    def _check_tokens(self, token_ids) -> torch.Tensor:
-        if isinstance(token_ids, str | bytes):
-            raise PrefillError("token_ids must be a sequence of integers, not text; tokenize first")
-        tokens = torch.as_tensor(token_ids if isinstance(token_ids, torch.Tensor) else list(token_ids))
-        tokens = tokens.reshape(-1) if tokens.dim() == 2 and tokens.shape[0] == 1 else tokens
-        if tokens.dim() != 1 or tokens.numel() == 0:
-            raise PrefillError(f"token_ids must be a non-empty 1-D sequence, got shape {tuple(tokens.shape)}")
-        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-            raise PrefillError(f"token_ids must be integers, got {tokens.dtype}")
-        tokens = tokens.to(torch.int64)
-        vocab = self.model_info.vocab_size
-        bad = ((tokens < 0) | (tokens >= vocab)).nonzero()
-        if bad.numel():
-            p = int(bad[0, 0])
-            raise PrefillError(
-                f"token id {int(tokens[p])} at position {p} is outside the vocabulary ({vocab})"
-            )
-        return tokens
 
     def _run(
         self,
