@@ -31,7 +31,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -40,9 +39,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # corpus, ruler: siblings of this script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # corpus, provenance, ruler: siblings
 
 import corpus  # noqa: E402
+import provenance  # noqa: E402
 import ruler  # noqa: E402
 
 from proxyprefill.kernels import ProxyAttnConfig, reference  # noqa: E402
@@ -428,12 +428,7 @@ def environment() -> dict:
         except ImportError:
             return None
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+    commit = provenance.git_commit()
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

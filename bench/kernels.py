@@ -25,15 +25,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # provenance: a sibling
+import provenance  # noqa: E402
 
 from proxyprefill.kernels import BlockSparseIndex, ProxyAttnConfig, proxy_attention
 from proxyprefill.kernels import triton_backend as tb
@@ -525,19 +526,7 @@ def markdown_tables(result: dict) -> str:
 
 
 def git_commit() -> str:
-    """GIT_COMMIT when set (a copied working tree can carry an older .git), else git's HEAD."""
-    if os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return provenance.git_commit() or "unknown"
 
 
 def rel_err(x, y) -> float:

@@ -25,12 +25,14 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # provenance: a sibling
+import provenance  # noqa: E402
 
 from proxyprefill.kernels.config import ProxyAttnConfig
 from proxyprefill.workers import attention as attention_mod
@@ -59,11 +61,7 @@ TINY = dict(
 
 
 def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    return provenance.git_commit()
 
 
 def versions() -> dict:

@@ -33,6 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # provenance: a sibling
+import provenance  # noqa: E402
+
 CLIENT_SCRIPT = r"""
 import json, sys, time
 from proxyprefill.service.client import PrefillClient
@@ -72,12 +75,7 @@ def percentile(values, q):
 
 
 def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return provenance.git_commit() or "unknown"
 
 
 def main(argv=None) -> int:
