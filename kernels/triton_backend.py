@@ -57,6 +57,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @functools.cache
 def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -64,7 +68,7 @@ def _cuda_sms(index: int) -> int:
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+        return _cuda_sms(_cuda_index(device))
     return 4  # interpreter: keep grids small
 
 
@@ -152,7 +156,7 @@ def _use_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_block: int)
         and q.dtype in (torch.float16, torch.bfloat16)
         and mask_block % tiles[0] == 0
         and mask_block % tiles[1] == 0
-        and _has_tma(q.device.index if q.device.index is not None else torch.cuda.current_device())
+        and _has_tma(_cuda_index(q.device))
         and _tma_layout_ok(k)
         and _tma_layout_ok(v)
     )
