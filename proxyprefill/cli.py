@@ -137,7 +137,13 @@ def cmd_decode(args) -> int:
     model, tokenizer = load_decoder(args.model)
     with _client(args) as client:
         tokens, text = decode_handle(
-            client, args.handle, model, tokenizer, max_new_tokens=args.max_new_tokens
+            client,
+            args.handle,
+            model,
+            tokenizer,
+            max_new_tokens=args.max_new_tokens,
+            layout=args.layout,
+            page_size=args.page_size,
         )
     print(f"{len(tokens)} new tokens: {tokens}")
     print(text)
@@ -252,6 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     decode.add_argument("--handle", required=True)
     decode.add_argument("--max-new-tokens", type=int, default=32)
     decode.add_argument("--model", default=None, help="the model (default: the embedded SmolLM2)")
+    decode.add_argument(
+        "--layout",
+        choices=["contiguous", "paged"],
+        default="contiguous",
+        help="decode from the KV as fetched, or from a paged copy of it (default: contiguous)",
+    )
+    decode.add_argument(
+        "--page-size", type=int, default=16, help="tokens per block of the paged layout (default: 16)"
+    )
     decode.set_defaults(run=cmd_decode)
 
     info = commands.add_parser("info", help="model, limits and health of a running service")
