@@ -73,6 +73,7 @@ class KVTransfer:
     values: list
     token_ids: object = None  # torch int64 [N] when asked for
     bytes_received: int = 0
+    transport: str = "grpc"  # or how it was mapped: "shared_memory", "cuda_ipc"
 
     def kv_header(self):
         from proxyprefill.workers.kv_files import KVHeader
@@ -301,6 +302,49 @@ class PrefillClient:
         for chunk in self.stub.FetchKV(request, timeout=timeout, metadata=self._metadata):
             assembler.add(chunk)
         return assembler.result()
+
+    def map_kv(
+        self, handle: str, transport: str = "", device: int | None = None, timeout: float | None = None
+    ) -> KVTransfer:
+        """The KV of `handle` mapped in place from its worker on this host (no copy over gRPC):
+        shared memory for CPU-resident KV, CUDA IPC for GPU-resident KV ("" lets the worker pick).
+        The tensors stay valid after release; the memory goes when they do. Raises KVShareError
+        on another host, grpc.RpcError for what the server refuses."""
+        import torch
+
+        from proxyprefill.workers.kv_share import TRANSPORT_ENUM, open_share, share_from_message
+
+        if transport not in TRANSPORT_ENUM:
+            raise ValueError(f"transport: expected one of {sorted(TRANSPORT_ENUM)}, got {transport!r}")
+        request = pb.MapKVRequest(handle=handle, transport=TRANSPORT_ENUM[transport])
+        mapping = self.stub.MapKV(request, timeout=timeout, metadata=self._metadata)
+        share = share_from_message(mapping)
+        keys, values = open_share(share, device)
+        token_ids = (
+            torch.frombuffer(bytearray(share.token_ids), dtype=torch.int64) if share.token_ids else None
+        )
+        return KVTransfer(
+            header=mapping.header, keys=keys, values=values, token_ids=token_ids, transport=share.transport
+        )
+
+    def get_kv(self, handle: str, transport: str = "auto", timeout: float | None = None) -> KVTransfer:
+        """The KV of `handle` by the fastest way that works from here: `auto` maps it in place
+        when the worker is on this host (MapKV) and streams it over gRPC (FetchKV) otherwise;
+        `grpc`, `shared_memory` or `cuda_ipc` force one way."""
+        from proxyprefill.workers.kv_share import KVShareError
+
+        if transport == "grpc":
+            return self.fetch_kv(handle, include_token_ids=True, timeout=timeout)
+        if transport != "auto":
+            return self.map_kv(handle, transport, timeout=timeout)
+        try:
+            return self.map_kv(handle, timeout=timeout)
+        except KVShareError:
+            pass  # another host, or a transport this process cannot open
+        except grpc.RpcError as error:
+            if error.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+                raise
+        return self.fetch_kv(handle, include_token_ids=True, timeout=timeout)
 
     def renew(self, handle: str, lease_seconds: int = 0, timeout: float | None = None) -> pb.LeaseInfo:
         return self.stub.RenewLease(

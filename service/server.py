@@ -39,6 +39,7 @@ from grpc_reflection.v1alpha import reflection
 from proxyprefill import __version__
 from proxyprefill.protos import prefill_pb2 as pb
 from proxyprefill.protos import prefill_pb2_grpc as pb_grpc
+from proxyprefill.workers.kv_share import KVShareError, share_to_message, transport_name
 
 from .admission import Admission, AdmissionError
 from .auth import Authenticator, AuthError, Principal
@@ -233,6 +234,9 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             ),
             "GetModelInfo": grpc.unary_unary_rpc_method_handler(
                 self.GetModelInfo, pb.GetModelInfoRequest.FromString, pb.ModelInfo.SerializeToString
+            ),
+            "MapKV": grpc.unary_unary_rpc_method_handler(
+                self.MapKV, pb.MapKVRequest.FromString, pb.KVMapping.SerializeToString
             ),
         }
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
@@ -623,6 +627,50 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             await self._abort(context, "FetchKV", error.code, error.message)
             return
         self.metrics.requests.labels("FetchKV", "OK").inc()
+
+    async def MapKV(self, request, context):
+        """Same-host handoff (workers/kv_share.py): the worker shares the KV memory once per
+        transport; the lease keeps it, ReleaseKV or expiry unlinks it."""
+        try:
+            principal = self._identify(context)
+            lease = self.leases.get(request.handle, principal.name)
+            try:
+                transport = transport_name(request.transport)
+            except KVShareError as error:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+            if lease.worker == "pipeline":
+                raise RequestError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "handle: a sharded prefill's KV lives on several stages; use FetchKV",
+                )
+            share = await self._map_on_worker(lease, transport)
+        except KVShareError as error:
+            await self._abort(context, "MapKV", grpc.StatusCode.FAILED_PRECONDITION, str(error))
+            return None
+        except _REQUEST_ERRORS as error:
+            await self._abort(context, "MapKV", error.code, error.message)
+            return None
+        self.metrics.requests.labels("MapKV", "OK").inc()
+        return share_to_message(share, kv_header_message(lease.header, lease.last_token_id))
+
+    async def _map_on_worker(self, lease: Lease, transport: str):
+        try:
+            share = await self.pool.share(self._worker_index(lease.worker), lease.handle, transport)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            cause = getattr(error, "cause", None)
+            if isinstance(cause, KVShareError):
+                raise cause from None
+            raise _ray_error(error) from None
+        if share is None:
+            self.leases.lose(lease.handle)
+            self._update_gauges()
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "the KV is no longer on its worker (restarted); prefill again",
+            )
+        return share
 
     async def RenewLease(self, request, context):
         try:

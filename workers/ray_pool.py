@@ -24,7 +24,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -40,6 +40,7 @@ class StoredKV:
     token_ids: np.ndarray  # int64 [N]
     header: dict
     nbytes: int
+    shares: dict = field(default_factory=dict)  # transport -> SharedKV (workers/kv_share.py)
 
 
 def tensor_array(tensor) -> tuple[str, np.ndarray]:
@@ -296,12 +297,33 @@ class PrefillWorker(StreamingPrefills):
         for layer in range(layer_start, layer_end):
             yield from layer_kv_pieces(layer, stored.keys[layer], stored.values[layer], max_chunk_bytes)
 
+    def share(self, handle: str, transport: str):
+        """A KVShare through which a process on this host maps the KV of `handle` (made once per
+        transport and kept until release), or None when the handle is not here."""
+        from proxyprefill.workers.kv_share import share_kv
+
+        with self._lock:
+            stored = self._kv.get(handle)
+            if stored is None:
+                return None
+            shared = stored.shares.get(transport)
+            if shared is None:
+                shared = share_kv(
+                    stored.keys, stored.values, stored.token_ids, transport, name=f"proxyprefill-{handle}"
+                )
+                stored.shares[transport] = shared
+                stored.shares[shared.share.transport] = shared  # "" (auto) and its pick
+        return shared.share
+
     def release(self, handle: str) -> int:
-        """Frees the KV of `handle`; returns its bytes (0 when it was not here)."""
+        """Frees the KV of `handle` and unlinks its shares; returns its bytes (0 when it was not
+        here)."""
         with self._lock:
             stored = self._kv.pop(handle, None)
         if stored is None:
             return 0
+        for shared in stored.shares.values():
+            shared.close()
         del stored.keys, stored.values
         self._empty_device_cache()
         return stored.nbytes
@@ -441,6 +463,9 @@ class WorkerPool:
 
     def release(self, worker: int, handle: str):
         return self._actor(worker).release.remote(handle)
+
+    def share(self, worker: int, handle: str, transport: str):
+        return self._actor(worker).share.remote(handle, transport)
 
     def stats(self, worker: int):
         return self._actor(worker).stats.remote()
