@@ -331,6 +331,30 @@ class KVMapping(_message.Message):
     token_ids: bytes
     def __init__(self, header: _Optional[_Union[KVHeader, _Mapping]] = ..., transport: _Optional[_Union[KVTransport, str]] = ..., host_id: _Optional[str] = ..., shm_name: _Optional[str] = ..., shm_bytes: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[SharedTensor, _Mapping]]] = ..., values: _Optional[_Iterable[_Union[SharedTensor, _Mapping]]] = ..., token_ids: _Optional[bytes] = ...) -> None: ...
 
+class PushKVRequest(_message.Message):
+    __slots__ = ("handle", "rendezvous", "backend", "transfer_id", "timeout_seconds")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    rendezvous: str
+    backend: str
+    transfer_id: str
+    timeout_seconds: int
+    def __init__(self, handle: _Optional[str] = ..., rendezvous: _Optional[str] = ..., backend: _Optional[str] = ..., transfer_id: _Optional[str] = ..., timeout_seconds: _Optional[int] = ...) -> None: ...
+
+class PushKVResponse(_message.Message):
+    __slots__ = ("header", "bytes_sent", "seconds")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    header: KVHeader
+    bytes_sent: int
+    seconds: float
+    def __init__(self, header: _Optional[_Union[KVHeader, _Mapping]] = ..., bytes_sent: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
 class RenewLeaseRequest(_message.Message):
     __slots__ = ("handle", "lease_seconds")
     HANDLE_FIELD_NUMBER: _ClassVar[int]

@@ -346,6 +346,53 @@ class PrefillClient:
                 raise
         return self.fetch_kv(handle, include_token_ids=True, timeout=timeout)
 
+    def push_kv(
+        self,
+        handle: str,
+        backend: str = "gloo",
+        host: str = "127.0.0.1",
+        device=None,
+        timeout_seconds: int = 60,
+    ) -> KVTransfer:
+        """The KV of `handle` pushed by its worker into this process over a torch.distributed
+        link (workers/kv_push.py): `gloo` over TCP, `nccl` GPU to GPU (`device`: where the
+        tensors land). `host` is this process's address as the worker can reach it."""
+        import time
+        import uuid
+
+        from proxyprefill.workers.kv_push import KVReceiver
+
+        receiver = KVReceiver(host, backend, device, timeout_seconds)
+        transfer_id = uuid.uuid4().hex
+        request = pb.PushKVRequest(
+            handle=handle,
+            rendezvous=receiver.address,
+            backend=backend,
+            transfer_id=transfer_id,
+            timeout_seconds=timeout_seconds,
+        )
+        call = self.stub.PushKV.future(request, timeout=timeout_seconds + 30, metadata=self._metadata)
+        # receive only once the worker is at the rendezvous: a refusal (bad handle, bad field)
+        # ends the call first, and then nothing is left waiting
+        deadline = time.monotonic() + timeout_seconds
+        while not receiver.sender_arrived(transfer_id):
+            if call.done():
+                call.result()  # raises the server's status
+                raise RuntimeError("PushKV answered before its worker reached the rendezvous")
+            if time.monotonic() > deadline:
+                call.cancel()
+                raise TimeoutError(f"the worker did not reach {receiver.address} in {timeout_seconds} s")
+            time.sleep(0.005)
+        keys, values = receiver.receive(transfer_id)
+        response = call.result()
+        return KVTransfer(
+            header=response.header,
+            keys=keys,
+            values=values,
+            bytes_received=response.bytes_sent,
+            transport=f"push-{backend}",
+        )
+
     def renew(self, handle: str, lease_seconds: int = 0, timeout: float | None = None) -> pb.LeaseInfo:
         return self.stub.RenewLease(
             pb.RenewLeaseRequest(handle=handle, lease_seconds=lease_seconds),

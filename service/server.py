@@ -39,6 +39,7 @@ from grpc_reflection.v1alpha import reflection
 from proxyprefill import __version__
 from proxyprefill.protos import prefill_pb2 as pb
 from proxyprefill.protos import prefill_pb2_grpc as pb_grpc
+from proxyprefill.workers.kv_push import KVPushError, PushTarget
 from proxyprefill.workers.kv_share import KVShareError, share_to_message, transport_name
 
 from .admission import Admission, AdmissionError
@@ -237,6 +238,9 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             ),
             "MapKV": grpc.unary_unary_rpc_method_handler(
                 self.MapKV, pb.MapKVRequest.FromString, pb.KVMapping.SerializeToString
+            ),
+            "PushKV": grpc.unary_unary_rpc_method_handler(
+                self.PushKV, pb.PushKVRequest.FromString, pb.PushKVResponse.SerializeToString
             ),
         }
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
@@ -643,7 +647,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                     grpc.StatusCode.FAILED_PRECONDITION,
                     "handle: a sharded prefill's KV lives on several stages; use FetchKV",
                 )
-            share = await self._map_on_worker(lease, transport)
+            share = await self._on_worker(lease, self.pool.share, transport, expected=KVShareError)
         except KVShareError as error:
             await self._abort(context, "MapKV", grpc.StatusCode.FAILED_PRECONDITION, str(error))
             return None
@@ -653,24 +657,58 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         self.metrics.requests.labels("MapKV", "OK").inc()
         return share_to_message(share, kv_header_message(lease.header, lease.last_token_id))
 
-    async def _map_on_worker(self, lease: Lease, transport: str):
+    async def PushKV(self, request, context):
+        """KV pushed to a receiver over gloo or NCCL (workers/kv_push.py); gRPC only controls."""
         try:
-            share = await self.pool.share(self._worker_index(lease.worker), lease.handle, transport)
+            principal = self._identify(context)
+            lease = self.leases.get(request.handle, principal.name)
+            try:
+                target = PushTarget.parse(
+                    request.rendezvous, request.backend, request.transfer_id, request.timeout_seconds or 60
+                )
+            except KVPushError as error:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+            if lease.worker == "pipeline":
+                raise RequestError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "handle: a sharded prefill's KV lives on several stages; use FetchKV",
+                )
+            started = time.perf_counter()
+            sent = await self._on_worker(lease, self.pool.push, target, expected=KVPushError)
+        except KVPushError as error:
+            await self._abort(context, "PushKV", grpc.StatusCode.UNAVAILABLE, str(error))
+            return None
+        except _REQUEST_ERRORS as error:
+            await self._abort(context, "PushKV", error.code, error.message)
+            return None
+        self.metrics.kv_bytes_sent.inc(sent)
+        self.metrics.requests.labels("PushKV", "OK").inc()
+        return pb.PushKVResponse(
+            header=kv_header_message(lease.header, lease.last_token_id),
+            bytes_sent=sent,
+            seconds=time.perf_counter() - started,
+        )
+
+    async def _on_worker(self, lease: Lease, method, *args, expected: type[Exception]):
+        """`method(worker, handle, *args)` on the lease's worker; its `expected` error passes
+        through, a missing handle loses the lease (FAILED_PRECONDITION)."""
+        try:
+            answer = await method(self._worker_index(lease.worker), lease.handle, *args)
         except asyncio.CancelledError:
             raise
         except Exception as error:
             cause = getattr(error, "cause", None)
-            if isinstance(cause, KVShareError):
+            if isinstance(cause, expected):
                 raise cause from None
             raise _ray_error(error) from None
-        if share is None:
+        if answer is None:
             self.leases.lose(lease.handle)
             self._update_gauges()
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "the KV is no longer on its worker (restarted); prefill again",
             )
-        return share
+        return answer
 
     async def RenewLease(self, request, context):
         try:

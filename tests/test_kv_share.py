@@ -229,3 +229,49 @@ def test_map_kv_refusals(client):
     with pytest.raises(ValueError, match="transport"):
         client.map_kv(handle, transport="pigeon")
     client.release(handle)
+
+
+@pytest.mark.slow
+def test_push_over_gloo_equals_fetch(client):
+    import grpc
+
+    handle, ids = _handle(client, tokens=200)
+    fetched = client.fetch_kv(handle)
+    pushed = client.push_kv(handle, backend="gloo")
+    assert pushed.transport == "push-gloo" and pushed.header == fetched.header
+    assert pushed.bytes_received == sum(t.numel() * t.element_size() for t in fetched.keys + fetched.values)
+    for a, b in zip(fetched.keys + fetched.values, pushed.keys + pushed.values, strict=True):
+        assert torch.equal(a, b)
+    client.release(handle)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:  # refused at once, not after the receive's timeout
+        client.push_kv(handle, backend="gloo", timeout_seconds=30)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and time.monotonic() - started < 10
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.PushKV(pb_push_request(handle="0" * 32, rendezvous="nowhere"))
+    assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+
+
+def pb_push_request(**fields):
+    from proxyprefill.protos import prefill_pb2 as pb
+
+    values = dict(backend="gloo", transfer_id="t1")
+    values.update(fields)
+    return pb.PushKVRequest(**values)
+
+
+@pytest.mark.slow
+def test_push_refuses_bad_fields(client):
+    import grpc
+
+    handle, _ = _handle(client, tokens=40)
+    for fields, name in (
+        (dict(rendezvous="nowhere"), "rendezvous"),
+        (dict(rendezvous="127.0.0.1:1", backend="carrier"), "backend"),
+        (dict(rendezvous="127.0.0.1:1", transfer_id="a b"), "transfer_id"),
+    ):
+        request = pb_push_request(handle=handle, **fields)
+        with pytest.raises(grpc.RpcError) as err:
+            client.stub.PushKV(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and name in err.value.details()
+    client.release(handle)

@@ -21,6 +21,8 @@ def _producer(conn, layers: int, tokens: int) -> None:
     from proxyprefill.protos import prefill_pb2 as pb
     from proxyprefill.workers.kv_share import share_kv, share_to_message
 
+    torch.cuda.init()
+    baseline = torch.cuda.memory_allocated()
     gen = torch.Generator(device="cuda").manual_seed(0)
     keys = [
         torch.randn(8, tokens, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(layers)
@@ -33,11 +35,12 @@ def _producer(conn, layers: int, tokens: int) -> None:
     header = pb.KVHeader(dtype="bfloat16", num_tokens=tokens)
     checksums = [float(t.float().sum()) for t in keys + values]
     conn.send((share_to_message(shared.share, header).SerializeToString(), checksums))
-    assert conn.recv() == "release"
+    assert conn.recv() == "release"  # the lease ends: the worker drops its tensors
     del keys, values, shared
     torch.cuda.synchronize()
-    conn.send(torch.cuda.memory_allocated())
-    assert conn.recv() == "exit"
+    assert conn.recv() == "unmapped"  # the decoder has let go too
+    torch.cuda.ipc_collect()  # blocks held for consumers are freed once they let go
+    conn.send(torch.cuda.memory_allocated() - baseline)
 
 
 def test_cuda_ipc_between_processes():
@@ -60,10 +63,10 @@ def test_cuda_ipc_between_processes():
         assert abs(torch.cuda.mem_get_info()[0] - free_before) < 64 * 2**20
         assert [float(t.float().sum()) for t in keys + values] == checksums
         parent.send("release")
-        assert parent.recv() >= 0  # the producer dropped its tensors
         del keys, values
         torch.cuda.synchronize()
-        parent.send("exit")
+        parent.send("unmapped")
+        assert parent.recv() == 0  # the producer's GPU memory is back to its baseline
         producer.join(timeout=60)
         assert producer.exitcode == 0
     finally:

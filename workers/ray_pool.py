@@ -315,6 +315,17 @@ class PrefillWorker(StreamingPrefills):
                 stored.shares[shared.share.transport] = shared  # "" (auto) and its pick
         return shared.share
 
+    def push(self, handle: str, target) -> int | None:
+        """Sends the KV of `handle` to a receiver (workers/kv_push.py); the bytes sent, or None
+        when the handle is not here. The tensors stay referenced until sent, even if released."""
+        from proxyprefill.workers.kv_push import push_kv
+
+        with self._lock:
+            stored = self._kv.get(handle)
+        if stored is None:
+            return None
+        return push_kv(stored.keys, stored.values, target)
+
     def release(self, handle: str) -> int:
         """Frees the KV of `handle` and unlinks its shares; returns its bytes (0 when it was not
         here)."""
@@ -466,6 +477,9 @@ class WorkerPool:
 
     def share(self, worker: int, handle: str, transport: str):
         return self._actor(worker).share.remote(handle, transport)
+
+    def push(self, worker: int, handle: str, target):
+        return self._actor(worker).push.remote(handle, target)
 
     def stats(self, worker: int):
         return self._actor(worker).stats.remote()
