@@ -36,7 +36,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # provenance: a sibling
 import provenance  # noqa: E402
 
-from proxyprefill.kernels import BlockSparseIndex, ProxyAttnConfig, proxy_attention
+from proxyprefill.kernels import (
+    BlockSparseIndex,
+    ProxyAttnConfig,
+    proxy_attention,
+    triton_attention,
+    triton_common,
+)
 from proxyprefill.kernels import triton_backend as tb
 
 HQ, HKV, D, BS = 32, 8, 128, 128
@@ -217,7 +223,7 @@ def tune_length(n: int, result: dict, gqa_only: bool = False) -> None:
                 continue
             tflops = 4 * D * pairs / timing["median_ms"] / 1e9
             kernel = "attention_gqa" if packed else "attention_tma" if tma else "attention"
-            res = dict(tb.KERNEL_RESOURCES.get(kernel, {}))
+            res = dict(triton_common.KERNEL_RESOURCES.get(kernel, {}))
             result["rows"].append(
                 {
                     "kind": "tune",
@@ -249,7 +255,7 @@ def tune_length(n: int, result: dict, gqa_only: bool = False) -> None:
 
         err = rel_err(score()[finite], want[finite])
         timing = time_ms(score, reps)
-        res = dict(tb.KERNEL_RESOURCES.get("scores", {}))
+        res = dict(triton_common.KERNEL_RESOURCES.get("scores", {}))
         result["rows"].append({"kind": "tune_scores", "n": n, "tiles": list(tiles), "scores": timing, **res})
         print(f"  N={n} scores tiles {tiles}: {timing['median_ms']:.3f} ms err {err:.1e} {res}", flush=True)
 
@@ -574,8 +580,8 @@ def main() -> None:
         "commit": git_commit(),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "shape": {"batch": 1, "q_heads": HQ, "kv_heads": HKV, "head_dim": D, "block": BS, "dtype": "bf16"},
-        "attention_tiles_d128": list(tb.ATTENTION_TILES[D]),
-        "tma_attention_tiles_d128": list(tb.TMA_ATTENTION_TILES[D]),
+        "attention_tiles_d128": list(triton_attention.ATTENTION_TILES[D]),
+        "tma_attention_tiles_d128": list(triton_attention.TMA_ATTENTION_TILES[D]),
         "rows": [],
     }
     if args.tune:
@@ -598,8 +604,8 @@ def main() -> None:
         out_path.write_text(json.dumps(result, indent=1))  # partial results survive a time limit
 
     crossover(args.crossover, cudnn, result)
-    result["kernel_resources"] = tb.KERNEL_RESOURCES
-    print("kernel resources:", json.dumps(tb.KERNEL_RESOURCES))
+    result["kernel_resources"] = triton_common.KERNEL_RESOURCES
+    print("kernel resources:", json.dumps(triton_common.KERNEL_RESOURCES))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {out_path}")

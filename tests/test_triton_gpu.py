@@ -21,6 +21,9 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 tb = pytest.importorskip("proxyprefill.kernels.triton_backend")
+from proxyprefill.kernels import triton_attention as tattn  # noqa: E402
+from proxyprefill.kernels import triton_common  # noqa: E402
+
 DEVICE = "cuda"
 
 
@@ -100,13 +103,13 @@ def test_tma_path_on_a_kv_cache_slice_with_a_poisoned_tail():
     v_cache = torch.full_like(k_cache, float("nan"))
     k_cache[:, :, :nk], v_cache[:, :, :nk] = k, v
     k_view, v_view = k_cache[:, :, :nk], v_cache[:, :, :nk]
-    assert tb._use_tma(q, k_view, v_view, 128)
+    assert tattn._use_tma(q, k_view, v_view, 128)
     index = random_index(b, hq, 2, nq, nk, 128, q_offset, 0.5, seed=8)
     out = torch.full_like(q, float("nan"))
     lse = torch.full((b, hq, nq), float("nan"), device=DEVICE)
-    tb.KERNEL_RESOURCES.pop("attention_tma", None)
+    triton_common.KERNEL_RESOURCES.pop("attention_tma", None)
     tb.block_sparse_attention(q, k_view, v_view, index, q_offset, out=out, lse=lse)
-    assert "attention_tma" in tb.KERNEL_RESOURCES  # recorded by this launch
+    assert "attention_tma" in triton_common.KERNEL_RESOURCES  # recorded by this launch
     ref_out, ref_lse = ref.block_sparse_attention(q.float(), k.float(), v.float(), index, q_offset)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert rel_err(out, ref_out) <= 1e-2

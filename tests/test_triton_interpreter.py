@@ -14,11 +14,10 @@ backends the same scores, so there the results must agree exactly.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import math
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,25 +29,47 @@ from proxyprefill.kernels import BlockSparseIndex, ProxyAttnConfig  # noqa: E402
 from proxyprefill.kernels import reference as ref  # noqa: E402
 
 BACKEND_NAME = "proxyprefill.kernels.triton_backend"
+# The Triton modules, those that others import first (each binds the jit functions it imports).
+TRITON_MODULES = [
+    "proxyprefill.kernels.triton_common",
+    "proxyprefill.kernels.triton_scores",
+    "proxyprefill.kernels.triton_budgets",
+    "proxyprefill.kernels.triton_index",
+    "proxyprefill.kernels.triton_attention",
+    BACKEND_NAME,
+]
 
 
-def _load_interpreted_backend():
-    path = Path(kernels.__file__).with_name("triton_backend.py")
+def _load_interpreted_modules() -> dict[str, object]:
+    """Import the Triton modules afresh with TRITON_INTERPRET=1, then put the compiled ones (if
+    any were loaded) back in sys.modules and on the package: only this file sees the fresh set."""
+    saved_modules = {name: sys.modules.pop(name) for name in TRITON_MODULES if name in sys.modules}
+    saved_attrs = {
+        name.rsplit(".", 1)[1]: getattr(kernels, name.rsplit(".", 1)[1], None) for name in TRITON_MODULES
+    }
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        spec = importlib.util.spec_from_file_location("proxyprefill.kernels._triton_interpreted", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        fresh = {name.rsplit(".", 1)[1]: importlib.import_module(name) for name in TRITON_MODULES}
     finally:
         if previous is None:
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = previous
-    return module
+        for name in TRITON_MODULES:
+            sys.modules.pop(name, None)
+            attr = name.rsplit(".", 1)[1]
+            if saved_attrs[attr] is None and hasattr(kernels, attr):
+                delattr(kernels, attr)
+            elif saved_attrs[attr] is not None:
+                setattr(kernels, attr, saved_attrs[attr])
+        sys.modules.update(saved_modules)
+    return fresh
 
 
-tb = _load_interpreted_backend()
+interpreted = _load_interpreted_modules()
+tb = interpreted["triton_backend"]
+tattn = interpreted["triton_attention"]
 
 
 def make_qkv(b, hq, hkv, nq, d, q_offset=0, seed=0, dtype=torch.float32):
@@ -161,7 +182,7 @@ def test_tma_reads_a_kv_cache_slice_and_zero_fills_past_its_end():
 
 def test_auto_tma_stays_off_without_a_gpu():
     q, k, v = make_qkv(1, 2, 1, 32, 128, 0, seed=2, dtype=torch.float16)
-    assert not tb._use_tma(q, k, v, 128)
+    assert not tattn._use_tma(q, k, v, 128)
 
 
 # ----------------------------------------------------------------------------------------------
