@@ -59,7 +59,6 @@ from proxyprefill.kernels import (  # noqa: E402
     triton_attention,
     triton_common,
 )
-from proxyprefill.kernels import triton_backend as tb  # noqa: E402
 
 LOG2E = 1.4426950408889634
 
@@ -414,11 +413,11 @@ def measure(
             index = forced_index(n, sparsity, seed=n + 1)
             first = diagonal_first(index)
             pairs = kept_pairs(index, n)
-            want, want_lse = tb.block_sparse_attention(q, k, v, index)
+            want, want_lse = triton_attention.block_sparse_attention(q, k, v, index)
             for name in names:
                 flags, tiles = VARIANTS[name]
                 if flags is None:
-                    fn = functools.partial(tb.block_sparse_attention, q, k, v, index)
+                    fn = functools.partial(triton_attention.block_sparse_attention, q, k, v, index)
                 else:
                     use = first if flags["DIAG_FIRST"] else index
                     fn = functools.partial(run_variant, q, k, v, use, flags, tiles)
@@ -471,7 +470,7 @@ def profile_target(which: str, n: int, sparsity: float) -> None:
     q, k, v = random_inputs(n, seed=n)
     index = forced_index(n, sparsity, seed=n + 1)
     if which == "ours":
-        fn = lambda: tb.block_sparse_attention(q, k, v, index)  # noqa: E731
+        fn = lambda: triton_attention.block_sparse_attention(q, k, v, index)  # noqa: E731
     elif which == "cudnn":
         kr, vr = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
         from torch.nn.attention import SDPBackend

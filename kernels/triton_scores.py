@@ -13,7 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import coarse
 from .config import ProxyAttnConfig
 from .triton_common import (
     LOG2E,
@@ -192,9 +191,9 @@ def estimate_block_scores(
 ) -> torch.Tensor:
     """Proxy block scores, float32 [B, g, Mq, Nk_blocks]; -inf past each row's diagonal
     (see reference.estimate_block_scores for the definition). `tiles` overrides
-    (query blocks per program, key blocks per tile, num_warps, num_stages) for tuning runs."""
-    if config.estimator == "meanpool":
-        return coarse.estimate_block_scores_meanpool(q, k, config, q_offset, scale)
+    (query blocks per program, key blocks per tile, num_warps, num_stages) for tuning runs.
+    These are the proxy estimator's scores; `config.estimator` is read by the caller
+    (kernels/registry.py), not here."""
     bs, s, g = config.block_size, config.stride, config.proxy_groups
     b, _, nq, d = q.shape
     nk = k.shape[2]

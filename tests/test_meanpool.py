@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from proxyprefill.kernels import ProxyAttnConfig, api, reference
-from proxyprefill.kernels.coarse import estimate_block_scores_meanpool
+from proxyprefill.kernels.meanpool import estimate_block_scores_meanpool
 
 
 def _brute_force(q, k, config, q_offset, scale):
