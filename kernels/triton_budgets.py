@@ -212,15 +212,12 @@ def _gamma_budgets(
         tl.store(Budgets + bh * num_q_blocks + rows, budget.to(tl.int64), mask=rows < num_q_blocks)
 
 
-def _gamma_budgets_and_last(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    config: ProxyAttnConfig,
-    q_offset: int,
-    scale: float | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k_last int64 [B, Hq], gamma budgets with row rule, floor and clamp int64 [B, Hq, Mq])."""
-    bs = config.block_size
+def _last_block_key_mass(
+    q: torch.Tensor, k: torch.Tensor, block_size: int, q_offset: int, scale: float | None
+) -> torch.Tensor:
+    """Each key block's probability mass for the last query block, float32 [B * Hq, Nk_blocks]:
+    partial row statistics per key split, then the mass with the splits merged."""
+    bs = block_size
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -286,6 +283,21 @@ def _gamma_budgets_and_last(
         num_warps=warps,
     )
     record_launch("mass", kernel)
+    return mass
+
+
+def _gamma_budgets_and_last(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: ProxyAttnConfig,
+    q_offset: int,
+    scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k_last int64 [B, Hq], gamma budgets with row rule, floor and clamp int64 [B, Hq, Mq])."""
+    bs = config.block_size
+    b, hq, nq, _ = q.shape
+    mass = _last_block_key_mass(q, k, bs, q_offset, scale)
+    nkb = mass.shape[1]
     mq = cdiv(nq, bs)
     k_last = torch.empty(b, hq, dtype=torch.int64, device=q.device)
     budgets = torch.empty(b, hq, mq, dtype=torch.int64, device=q.device)
