@@ -31,12 +31,23 @@ def _load(path: str):
     return getattr(importlib.import_module(module), cls)()
 
 
+# Backends whose import failed (their library is missing), with the error: the hook selects a
+# backend for every layer of every chunk, and a failed import is not cached by Python itself.
+_MISSING: dict[str, ImportError] = {}
+
+
 def load_backend(name: str) -> AttentionBackend:
     """The backend registered as `name`; ValueError for an unknown name, ImportError when its
     library is missing."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {name!r}")
-    return _load(BACKENDS[name])
+    if name in _MISSING:
+        raise _MISSING[name]
+    try:
+        return _load(BACKENDS[name])
+    except ImportError as error:
+        _MISSING[name] = error
+        raise
 
 
 def backend_available(name: str) -> bool:

@@ -144,3 +144,16 @@ def test_budget_override_and_estimated_hook():
     assert seen == [((1, 4, 4), 32, 16)] and marks == [1]
     # one budget block plus the forced diagonal (which it may be): one or two blocks per row
     assert result.index.block_counts.min() >= 1 and result.index.block_counts.max() <= 2
+
+
+def test_a_backend_whose_library_is_missing_is_skipped_by_auto(monkeypatch):
+    monkeypatch.setattr(
+        registry, "BACKENDS", {"missing": "proxyprefill_no_such_module:Backend", **registry.BACKENDS}
+    )
+    monkeypatch.setattr(registry, "_MISSING", {})
+    q, _, _ = make_qkv()
+    assert select_backend("auto", q).name == "torch"
+    assert not registry.backend_available("missing")
+    with pytest.raises(ImportError, match="proxyprefill_no_such_module"):
+        select_backend("missing", q)
+    assert "missing" in registry._MISSING  # not retried on every call
