@@ -76,3 +76,27 @@ def test_serve_with_a_misspelled_backend_stops_at_start_naming_the_field():
 
 def test_server_config_has_no_catch_all_field():
     assert "extra" not in {spec.name for spec in dataclasses.fields(config_mod.ServerConfig)}
+
+
+def test_metrics_carry_the_model_name_and_the_usual_serving_histograms():
+    from proxyprefill.service.metrics import ServiceMetrics
+
+    metrics = ServiceMetrics("SmolLM2-135M")
+    metrics.time_to_first_token.observe(0.3)
+    metrics.prompt_length.observe(3000)
+    metrics.requests.labels("Prefill", "OK").inc()
+    lines = metrics.exposition().decode().splitlines()
+    samples = [line for line in lines if line.startswith("proxyprefill_")]
+    assert samples and all('model_name="SmolLM2-135M"' in line for line in samples)
+    assert "# TYPE proxyprefill_time_to_first_token_seconds histogram" in lines
+    assert "# TYPE proxyprefill_request_prompt_tokens histogram" in lines
+
+    def sample(prefix: str) -> float:
+        return float(next(line for line in samples if line.startswith(prefix)).split()[-1])
+
+    assert sample('proxyprefill_time_to_first_token_seconds_bucket{le="0.25"') == 0.0
+    assert sample('proxyprefill_time_to_first_token_seconds_bucket{le="0.5"') == 1.0
+    assert sample('proxyprefill_request_prompt_tokens_bucket{le="2048.0"') == 0.0
+    assert sample('proxyprefill_request_prompt_tokens_bucket{le="4096.0"') == 1.0
+    assert sample("proxyprefill_request_prompt_tokens_sum") == 3000.0
+    assert sample('proxyprefill_requests_total{code="OK",method="Prefill"') == 1.0
