@@ -244,7 +244,7 @@ def test_no_manifest_runs_its_own_ray_start(rendered):
     head = rendered["service"]["RayCluster"]["spec"]["headGroupSpec"]["template"]
     # the head's entrypoint runs KubeRay's own generated command, which KubeRay hands over only
     # under this annotation
-    assert head["spec"]["containers"][0]["command"] == ["proxyprefill-head"]
+    assert head["spec"]["containers"][0]["command"] == ["tini", "--", "proxyprefill-head"]
     assert head["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
 
 
