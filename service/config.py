@@ -172,9 +172,13 @@ class ServerConfig:
         need(self.shard_above_tokens >= 1, "shard_above_tokens", "must be >= 1")
         need(self.pipeline_stage_memory_bytes >= 0, "pipeline_stage_memory_bytes", "must be >= 0")
         need(self.worker_slots >= 1, "worker_slots", "must be >= 1")
+        need(self.ray_num_cpus is None or self.ray_num_cpus >= 1, "ray_num_cpus", "must be >= 1")
         need(0.0 < self.min_gamma <= 1.0, "min_gamma", "must be in (0, 1]")
         need(self.min_gamma <= self.gamma <= 1.0, "gamma", "must be in [min_gamma, 1]")
+        need(self.min_budget_tokens_floor >= 1, "min_budget_tokens_floor", "must be >= 1")
         need(self.min_budget_tokens >= self.min_budget_tokens_floor, "min_budget_tokens", "must be >= floor")
+        need(self.max_alpha > 0, "max_alpha", "must be > 0")
+        need(self.max_text_bytes >= 1, "max_text_bytes", "must be >= 1")
         need(self.max_prompt_tokens >= 0, "max_prompt_tokens", "must be >= 0")
         need(self.max_pending_tokens >= 1, "max_pending_tokens", "must be >= 1")
         need(

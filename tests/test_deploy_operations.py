@@ -46,12 +46,21 @@ def test_python_dash_m_runs_the_command_and_serve_help_lists_every_field():
 
 @pytest.mark.parametrize(
     ("variable", "value", "field"),
-    [("BACKEND", "tritonn", "backend"), ("DEVICE", "cdua", "device"), ("LOG_LEVEL", "LOUD", "log_level")],
+    [
+        ("BACKEND", "tritonn", "backend"),
+        ("DEVICE", "cdua", "device"),
+        ("LOG_LEVEL", "LOUD", "log_level"),
+        ("METRICS_PORT", "70000", "metrics_port"),
+        ("RAY_NUM_CPUS", "0", "ray_num_cpus"),
+        ("MAX_ALPHA", "0", "max_alpha"),
+        ("MAX_TEXT_BYTES", "0", "max_text_bytes"),
+        ("MIN_BUDGET_TOKENS_FLOOR", "0", "min_budget_tokens_floor"),
+    ],
 )
-def test_misspelled_settings_fail_at_load_naming_the_field(variable, value, field):
+def test_bad_settings_fail_at_load_naming_the_field(variable, value, field):
     with pytest.raises(config_mod.ConfigError, match=f"^{field} ") as caught:
         config_mod.load(environ={f"PROXYPREFILL_{variable}": value})
-    assert repr(value) in str(caught.value)
+    assert f"got {value!r}" in str(caught.value) or f"got {value}" in str(caught.value)
 
 
 def test_valid_backends_and_devices_load():
