@@ -21,6 +21,7 @@ FetchKV streams it from them in layer order.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import tomllib
@@ -266,7 +267,16 @@ def from_file(path: str | os.PathLike) -> dict:
 
 
 def from_environment(environ: dict[str, str] | None = None) -> dict:
+    """The PROXYPREFILL_<FIELD> variables. Other PROXYPREFILL_ variables belong to other parts
+    (PROXYPREFILL_CACHE, the client's PROXYPREFILL_TOKEN), except near-misses of a field's name,
+    which are refused as the typos they are."""
     environ = os.environ if environ is None else environ
+    names = list(_FIELDS)
+    for key in environ:
+        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() not in _FIELDS:
+            near = difflib.get_close_matches(key[len(ENV_PREFIX) :].lower(), names, n=1, cutoff=0.85)
+            if near:
+                raise ConfigError(f"{key} is not a setting; did you mean {ENV_PREFIX}{near[0].upper()}?")
     values = {}
     for name in _FIELDS:
         key = ENV_PREFIX + name.upper()

@@ -63,6 +63,18 @@ def test_bad_settings_fail_at_load_naming_the_field(variable, value, field):
     assert f"got {value!r}" in str(caught.value) or f"got {value}" in str(caught.value)
 
 
+def test_a_misspelled_variable_name_is_refused_and_other_variables_left_alone():
+    with pytest.raises(
+        config_mod.ConfigError,
+        match="PROXYPREFILL_BAKEND is not a setting; did you mean PROXYPREFILL_BACKEND",
+    ):
+        config_mod.load(environ={"PROXYPREFILL_BAKEND": "triton"})
+    with pytest.raises(config_mod.ConfigError, match="did you mean PROXYPREFILL_MAX_PENDING_TOKENS"):
+        config_mod.load(environ={"PROXYPREFILL_MAX_PENDING_TOKEN": "10"})
+    others = {"PROXYPREFILL_CACHE": "/tmp", "PROXYPREFILL_TOKEN": "secret", "PROXYPREFILL_CONFIG": ""}
+    assert config_mod.load(environ=others) == config_mod.ServerConfig()
+
+
 def test_valid_backends_and_devices_load():
     assert config_mod.load(environ={"PROXYPREFILL_BACKEND": "torch"}).backend == "torch"
     assert config_mod.load(environ={"PROXYPREFILL_DEVICE": "cuda:1"}).device == "cuda:1"
