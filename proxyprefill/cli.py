@@ -42,7 +42,11 @@ def cmd_serve(args) -> int:
     from proxyprefill.service import config as config_mod
     from proxyprefill.service.server import serve
 
-    config = config_mod.load(args)
+    try:
+        config = config_mod.load(args)
+    except config_mod.ConfigError as error:  # a bad value stops the start, naming its field
+        print(f"proxyprefill serve: configuration error: {error}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     asyncio.run(serve(config))
     return 0
@@ -236,7 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the gRPC service (local Ray unless --ray-address)")
+    serve = commands.add_parser(
+        "serve",
+        help="run the gRPC service (local Ray unless --ray-address)",
+        description="Run the gRPC prefill service. Every option also comes from a --config file or the "
+        "environment; flags win over the environment, which wins over the file.",
+    )
     from proxyprefill.service.config import add_flags
 
     add_flags(serve)

@@ -168,7 +168,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             dedicated_workers=0 if self.pipeline_index is None else 1,
         )
         self.auth = Authenticator.from_config(config)
-        self.metrics = metrics or ServiceMetrics()
+        self.metrics = metrics or ServiceMetrics(self.model_info["model_id"])
         self.health = health.aio.HealthServicer()
         self._tokenizer = None
         self._server: grpc.aio.Server | None = None
@@ -461,6 +461,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             if result["kind"] == "error":
                 code = _WORKER_ERROR_CODES.get(result["error"], grpc.StatusCode.INTERNAL)
                 raise RequestError(code, result["message"])
+            self.metrics.time_to_first_token.observe(time.perf_counter() - accepted_at)
 
             for piece in self._logit_pieces(result):
                 yield pb.PrefillEvent(logits=piece)
@@ -536,6 +537,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         m.estimate_seconds.observe(result["estimate_seconds"])
         m.tokens_per_second.observe(rate)
         m.prompt_tokens.inc(result["num_tokens"])
+        m.prompt_length.observe(result["num_tokens"])
         m.sparsity.observe(mean_sparsity)
         log.info(
             "prefill done request_id=%s tokens=%d sparsity=%.3f prefill_s=%.3f total_s=%.3f",
