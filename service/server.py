@@ -512,7 +512,10 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                     await self._abandon(worker, key, keep_handle)
                     raise
                 except Exception as error:
-                    raise _ray_error(error) from None
+                    failure = _ray_error(error)
+                    if failure.code == grpc.StatusCode.UNAVAILABLE:  # lost: route around it until
+                        self.admission.set_available(worker, False)  # the watch hears from it again
+                    raise failure from None
             kept = keep_handle is not None and result is not None and result["kind"] == "result"
             if result is None or result["kind"] == "cancelled":
                 raise RequestError(grpc.StatusCode.CANCELLED, "prefill was cancelled on its worker")
