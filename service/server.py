@@ -296,13 +296,16 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             self._update_gauges()
 
     async def _watch_workers(self) -> None:
+        workers = range(len(self.pool.names))
+        routable = [w for w in workers if w != self.pipeline_index]
         while True:
-            workers = range(len(self.pool.names))
-            states = await asyncio.gather(*(self.pool.probe(worker) for worker in workers))
-            for worker, state in zip(workers, states, strict=True):
-                self._note_worker_state(worker, state)
-            routable = [w for w in workers if w != self.pipeline_index]
-            await self._set_serving(any(self.admission.available(w) for w in routable))
+            try:
+                states = await asyncio.gather(*(self.pool.probe(worker) for worker in workers))
+                for worker, state in zip(workers, states, strict=True):
+                    self._note_worker_state(worker, state)
+                await self._set_serving(any(self.admission.available(w) for w in routable))
+            except Exception:  # the watch must outlive any one bad round
+                log.exception("watching the workers")
             await asyncio.sleep(_WATCH_SECONDS)
 
     def _note_worker_state(self, worker: int, state) -> None:

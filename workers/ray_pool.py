@@ -456,6 +456,7 @@ class WorkerPool:
         self.names = [d["worker"] for d in descriptions]
         self._owns_ray = owns_ray
         self._make_actor = make_actor  # name -> a new replica actor (replace())
+        self._replace_lock = threading.Lock()
         # the sharded route (workers/pipeline_worker.py), addressed as one more worker after the
         # replicas: index `pipeline_index`, name "pipeline"
         self.pipeline = pipeline
@@ -594,16 +595,24 @@ class WorkerPool:
         return WorkerState(alive=True, incarnation=incarnation)
 
     def replace(self, worker: int) -> None:
-        """Starts a new actor for a replica that is gone for good (blocking: it loads the model)."""
+        """Starts a new actor for a replica that is gone for good (blocking: it loads the model);
+        does nothing when the actor there answers (another server on this pool replaced it)."""
         import ray
 
         if worker == self.pipeline_index or self._make_actor is None:
             raise ValueError(f"worker {worker} cannot be replaced")
-        with contextlib.suppress(ray.exceptions.RayError):
-            ray.kill(self.actors[worker], no_restart=True)
-        actor = self._make_actor(self.names[worker])
-        ray.get(actor.ping.remote())
-        self.actors[worker] = actor
+        with self._replace_lock:
+            current = self.actors[worker]
+            try:
+                ray.get(current.ping.remote(), timeout=5)
+                return
+            except ray.exceptions.RayError:  # dead, or not answering (GetTimeoutError)
+                pass
+            with contextlib.suppress(ray.exceptions.RayError):
+                ray.kill(current, no_restart=True)
+            actor = self._make_actor(self.names[worker])
+            ray.get(actor.ping.remote())
+            self.actors[worker] = actor
         log.warning("replaced %s, which was gone for good", self.names[worker])
 
     def fetch(

@@ -71,6 +71,7 @@ class CampaignConfig:
     kills: int = 3
     front_end_restarts: int = 1
     workers: int = 2
+    load_rounds: int = 4
     model: str | None = None  # HF directory; None = the embedded SmolLM2
     prompt_lengths: tuple = (16, 60, 200, 500, 900)
     max_pending_tokens: int = 4000  # low: part of the load is refused
@@ -132,6 +133,8 @@ class PhaseReport:
     health_during_kills: dict = field(default_factory=dict)
     before: Snapshot | None = None
     after: Snapshot | None = None
+    rounds: list = field(default_factory=list)  # Snapshot after each round (load)
+    latencies_ok_s: list = field(default_factory=list)  # completed requests, for the percentiles
 
 
 def make_prompts(config: CampaignConfig, vocab_size: int) -> list[list[int]]:
@@ -293,12 +296,10 @@ class Campaign:
             action: dict(Counter(o.status for o in outcomes if o.spec.action == action))
             for action in _EXPECTED
         }
-        ok = sorted(o.seconds for o in outcomes if o.status == OK and o.spec.action == "complete")
-        if ok:
-            report.latency_ok_s = {f"p{q}": round(float(np.percentile(ok, q)), 4) for q in (50, 90, 99)} | {
-                "max": round(ok[-1], 4),
-                "count": len(ok),
-            }
+        report.latencies_ok_s = [
+            o.seconds for o in outcomes if o.status == OK and o.spec.action == "complete"
+        ]
+        report.latency_ok_s = percentiles(report.latencies_ok_s)
         allowed_faults = _FAULT_STATUSES if faults else set()
         for outcome in outcomes:
             expected = {OK} | _EXPECTED[outcome.spec.action] | allowed_faults
@@ -401,6 +402,31 @@ class Campaign:
             time.sleep(0.5)
 
 
+def percentiles(seconds: list[float]) -> dict:
+    if not seconds:
+        return {}
+    ordered = sorted(seconds)
+    summary = {f"p{q}": round(float(np.percentile(ordered, q)), 4) for q in (50, 90, 99)}
+    return summary | {"max": round(ordered[-1], 4), "count": len(ordered)}
+
+
+def combine(name: str, rounds: list[PhaseReport]) -> PhaseReport:
+    """One report of several rounds run one after the other (their snapshots in `rounds`)."""
+    total = PhaseReport(name, 0, rounds[0].clients, 0.0, {}, {}, {}, [])
+    for part in rounds:
+        total.requests += part.requests
+        total.seconds += part.seconds
+        total.statuses = dict(Counter(total.statuses) + Counter(part.statuses))
+        for action, counts in part.by_action.items():
+            total.by_action[action] = dict(Counter(total.by_action.get(action, {})) + Counter(counts))
+        total.losses += part.losses
+        total.latencies_ok_s += part.latencies_ok_s
+        total.rounds.append(part.after)
+    total.latency_ok_s = percentiles(total.latencies_ok_s)
+    total.after = rounds[-1].after
+    return total
+
+
 def _fetch_request(handle: str):
     from proxyprefill.protos import prefill_pb2 as pb
 
@@ -435,8 +461,12 @@ def run_campaign(config: CampaignConfig, warmup: int = 50) -> list[PhaseReport]:
         try:
             campaign.run_phase("warm-up", warmup)
             before = campaign.settle()
-            load = campaign.run_phase("load", config.requests)
-            load.before, load.after = before, campaign.settle()
+            rounds = []
+            for _ in range(config.load_rounds):  # memory after each round shows any growth
+                rounds.append(campaign.run_phase("load", config.requests // config.load_rounds))
+                rounds[-1].after = campaign.settle()
+            load = combine("load", rounds)
+            load.before = before
             faults = campaign.run_phase(
                 "faults", config.fault_requests, config.kills, config.front_end_restarts
             )
@@ -515,13 +545,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"health samples while recovering {report.health_during_kills}")
         if report.before is not None:
             print(f"memory before {asdict(report.before)}")
-            print(f"memory after  {asdict(report.after)}  change {memory_change(report)}")
+            for number, snapshot in enumerate(report.rounds, 1):
+                print(f"after round {number}: {asdict(snapshot)}")
+            print(f"change from warm-up to the end {memory_change(report)}")
         else:
             print(f"after {asdict(report.after)}")
         print(f"losses {len(report.losses)}: {report.losses[:20]}")
     if args.json:
         with open(args.json, "w") as out:
-            json.dump([asdict(r) for r in reports], out, indent=1)
+            json.dump([asdict(r) | {"latencies_ok_s": None} for r in reports], out, indent=1)
     return 0 if not any(r.losses for r in reports) else 1
 
 
