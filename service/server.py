@@ -737,6 +737,10 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         with contextlib.suppress(Exception):
             freed = await self.pool.release(self._worker_index(lease.worker), lease.handle)
         self._update_gauges()
+        if not freed:  # its worker restarted or died before the watch noticed: the KV was lost
+            message = "the KV of this handle was lost with its worker (restarted); nothing was released"
+            await self._abort(context, "ReleaseKV", grpc.StatusCode.FAILED_PRECONDITION, message)
+            return None
         self.metrics.requests.labels("ReleaseKV", "OK").inc()
         return pb.ReleaseKVResponse(released_bytes=freed)  # what the worker freed, not the record
 

@@ -74,7 +74,7 @@ class CampaignConfig:
     load_rounds: int = 4
     model: str | None = None  # HF directory; None = the embedded SmolLM2
     prompt_lengths: tuple = (16, 60, 200, 500, 900)
-    max_pending_tokens: int = 4000  # low: part of the load is refused
+    max_pending_tokens: int = 12000  # low: part of the load is refused
     deadline_seconds: float = 120.0
     seed: int = 0
 

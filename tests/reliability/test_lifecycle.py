@@ -173,6 +173,16 @@ def test_leases_of_a_restarted_worker_are_dropped(served):
     assert client.health() == "SERVING"
 
 
+def test_releasing_kv_lost_with_its_worker_reports_no_phantom_bytes(served):
+    server, pool, client = served
+    outcome = client.prefill(token_ids=prompt(200), kv="handle")
+    pool.restart(0)  # released at once: whether or not the watch has noticed the restart yet
+    error = status_of(lambda: client.release(outcome.handle.handle))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "lost" in error.details()
+    assert server.leases.held_bytes == 0
+
+
 def test_prefills_reuse_a_few_threads(model_dir):
     config = _config(model_dir)
     worker = InProcessPool(engine_kwargs(config)).workers[0]
