@@ -16,8 +16,15 @@ than one stage, is admitted to that route, which the server addresses like any w
 RESOURCE_EXHAUSTED before any work; a stage lost mid-request is UNAVAILABLE.
 
 Cancellation: a client that cancels, or whose deadline passes, makes grpc.aio cancel the handler
-task; the handler then sets the request's stop flag on its worker, which stops the prefill at the
-next chunk and drops its partial KV. KV already kept for the request is released.
+task; the handler then abandons the request on its worker, which stops the prefill at the next
+layer, drops its partial KV and frees any KV it kept, and waits for that before it gives back the
+request's slot and pending tokens (so cancelled work never runs beside admitted work). A FetchKV
+whose client went away cancels its worker stream.
+
+Workers: every second each worker is pinged (`_watch_workers`). One that is down is routed around
+and health says NOT_SERVING while no worker is up; one that answers with a new incarnation
+restarted and lost its KV, so its leases are dropped (FAILED_PRECONDITION, no phantom bytes); one
+gone for good (Ray will not restart it) is replaced by a new actor.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ log = logging.getLogger("proxyprefill.service")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PrefillService"].full_name
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 _SWEEP_SECONDS = 1.0
+_WATCH_SECONDS = 1.0  # how often every worker is pinged
 
 _REQUEST_ERRORS = (RequestError, LeaseError, AdmissionError, AuthError)
 # a worker's {"kind": "error", "error": ...} item -> status (anything else: INTERNAL)
@@ -173,6 +181,10 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         self._tokenizer = None
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
+        self._incarnations: dict[int, str] = {}  # worker -> incarnation it last answered
+        self._replacing: dict[int, asyncio.Task] = {}  # workers gone for good, being replaced
+        self._serving = True
         self._draining = False
         self._stopped = asyncio.Event()
         self._metrics_http = None  # (HTTP server, thread) of /metrics when metrics_port is set
@@ -209,6 +221,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.create_task(self._sweep_expired())
+        self._watcher = asyncio.create_task(self._watch_workers())
         log.info(
             "serving %s on port %s (%d workers)",
             self.model_info["model_id"],
@@ -258,10 +271,11 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         log.info("draining: %d running, %d queued", self.admission.running, self.admission.queue_depth)
         if self._server is not None:
             await self._server.stop(grace)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._watcher, *self._replacing.values()):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for lease in self.leases.drain_all():
             with contextlib.suppress(Exception):
                 await self.pool.release(self._worker_index(lease.worker), lease.handle)
@@ -288,6 +302,61 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                 with contextlib.suppress(Exception):
                     await self.pool.release(self._worker_index(lease.worker), lease.handle)
             self._update_gauges()
+
+    async def _watch_workers(self) -> None:
+        workers = range(len(self.pool.names))
+        routable = [w for w in workers if w != self.pipeline_index]
+        while True:
+            try:
+                states = await asyncio.gather(*(self.pool.probe(worker) for worker in workers))
+                for worker, state in zip(workers, states, strict=True):
+                    self._note_worker_state(worker, state)
+                await self._set_serving(any(self.admission.available(w) for w in routable))
+            except Exception:  # the watch must outlive any one bad round
+                log.exception("watching the workers")
+            await asyncio.sleep(_WATCH_SECONDS)
+
+    def _note_worker_state(self, worker: int, state) -> None:
+        """Routing, leases and replacement after one probe of `worker` (a WorkerState)."""
+        name = self.pool.names[worker]
+        known = self._incarnations.get(worker)
+        restarted = state.alive and known is not None and state.incarnation != known
+        if state.gone or restarted:
+            lost = self.leases.lose_worker(name)
+            if lost:
+                log.warning(
+                    "%s lost its KV (%s): %d leases dropped, %d bytes",
+                    name,
+                    "gone" if state.gone else "restarted",
+                    len(lost),
+                    sum(lease.kv_bytes for lease in lost),
+                )
+                self._update_gauges()
+        if state.alive:
+            self._incarnations[worker] = state.incarnation
+        if self.admission.available(worker) != state.alive:
+            log.warning("%s is %s", name, "back" if state.alive else "down")
+            self.admission.set_available(worker, state.alive)
+        if state.gone and worker not in self._replacing and worker != self.pipeline_index:
+            self._replacing[worker] = asyncio.create_task(self._replace_worker(worker))
+
+    async def _replace_worker(self, worker: int) -> None:
+        try:
+            await asyncio.to_thread(self.pool.replace, worker)
+        except Exception:
+            log.exception("replacing %s failed; the next probe tries again", self.pool.names[worker])
+        finally:
+            self._replacing.pop(worker, None)
+
+    async def _set_serving(self, serving: bool) -> None:
+        if serving == self._serving or self._draining:
+            return
+        self._serving = serving
+        statuses = health_pb2.HealthCheckResponse
+        status = statuses.SERVING if serving else statuses.NOT_SERVING
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+        log.warning("health: %s", "SERVING" if serving else "NOT_SERVING (no worker is up)")
 
     # helpers ---------------------------------------------------------------------------------
     def _identify(self, context) -> Principal:
@@ -450,11 +519,14 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                             result = item
                 except asyncio.CancelledError:
                     self.metrics.cancelled.inc()
-                    self.pool.cancel(worker, key)
                     log.info("prefill cancelled request_id=%s", plan.request_id)
+                    await self._abandon(worker, key, keep_handle)
                     raise
                 except Exception as error:
-                    raise _ray_error(error) from None
+                    failure = _ray_error(error)
+                    if failure.code == grpc.StatusCode.UNAVAILABLE:  # lost: route around it until
+                        self.admission.set_available(worker, False)  # the watch hears from it again
+                    raise failure from None
             kept = keep_handle is not None and result is not None and result["kind"] == "result"
             if result is None or result["kind"] == "cancelled":
                 raise RequestError(grpc.StatusCode.CANCELLED, "prefill was cancelled on its worker")
@@ -468,15 +540,16 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             header = kv_header_message(result["header"], int(plan.token_ids[-1]))
             if plan.kv_return == "inline":
                 first = True
-                async for item in self._worker_kv(
-                    worker, keep_handle, self.config.default_kv_chunk_bytes, plan
-                ):
-                    chunk = kv_chunk_message(item)
-                    if first:
-                        chunk.header.CopyFrom(header)
-                        first = False
-                    self.metrics.kv_bytes_sent.inc(len(chunk.keys) + len(chunk.values))
-                    yield pb.PrefillEvent(kv_chunk=chunk)
+                async with contextlib.aclosing(
+                    self._worker_kv(worker, keep_handle, self.config.default_kv_chunk_bytes, plan)
+                ) as pieces:
+                    async for item in pieces:
+                        chunk = kv_chunk_message(item)
+                        if first:
+                            chunk.header.CopyFrom(header)
+                            first = False
+                        self.metrics.kv_bytes_sent.inc(len(chunk.keys) + len(chunk.values))
+                        yield pb.PrefillEvent(kv_chunk=chunk)
             elif plan.kv_return == "handle":
                 lease = self.leases.commit(
                     reservation,
@@ -505,6 +578,14 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             if kept:  # cancelled or failed after the worker kept KV: nobody owns it
                 with contextlib.suppress(Exception):
                     await self.pool.release(worker, keep_handle)
+
+    async def _abandon(self, worker: int, key: str, keep_handle: str | None) -> None:
+        """Stops prefill `key` on its worker and waits until it has ended (the caller still holds
+        its slot and tokens), freeing any KV it kept; a lost worker has nothing left to stop."""
+        try:
+            await self.pool.abandon(worker, key, keep_handle)
+        except Exception as error:
+            log.warning("abandoning prefill %s on %s: %s", key, self.pool.names[worker], error)
 
     def _logit_pieces(self, result: dict):
         logits = result["logits"]
@@ -575,8 +656,10 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             )
         else:
             args = (0, None, plan.include_token_ids)
+        stream = self.pool.fetch(worker, handle, max_chunk_bytes, *args)
+        finished = False
         try:
-            async for ref in self.pool.fetch(worker, handle, max_chunk_bytes, *args):
+            async for ref in stream:
                 item = await ref
                 if item["kind"] == "missing":
                     raise _WorkerGone()
@@ -585,9 +668,12 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                     self._update_gauges()
                     raise RequestError(grpc.StatusCode.UNAVAILABLE, item["message"])
                 yield item
+            finished = True
         except _WorkerGone:
             self.leases.lose(handle)
             self._update_gauges()
+            if request is not None:  # released or expired while this fetch started: say which
+                self.leases.get(handle, "")
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "the KV is no longer on its worker (restarted); prefill again",
@@ -598,6 +684,9 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             raise
         except Exception as error:
             raise _ray_error(error) from None
+        finally:
+            if not finished:  # the reader went away or failed: stop the worker's stream
+                self.pool.cancel_stream(stream)
 
     # KV handles ------------------------------------------------------------------------------
     async def FetchKV(self, request, context):
@@ -624,11 +713,14 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         header = kv_header_message(lease.header, lease.last_token_id)
         worker = self._worker_index(lease.worker)
         try:
-            async for item in self._worker_kv(worker, lease.handle, max_chunk, request=request):
-                yield encode_kv_chunk(item, header)
-                header = None
-                if item["kind"] == "kv":
-                    self.metrics.kv_bytes_sent.inc(item["keys"].nbytes + item["values"].nbytes)
+            async with contextlib.aclosing(
+                self._worker_kv(worker, lease.handle, max_chunk, request=request)
+            ) as pieces:
+                async for item in pieces:
+                    yield encode_kv_chunk(item, header)
+                    header = None
+                    if item["kind"] == "kv":
+                        self.metrics.kv_bytes_sent.inc(item["keys"].nbytes + item["values"].nbytes)
         except _REQUEST_ERRORS as error:
             await self._abort(context, "FetchKV", error.code, error.message)
             return
@@ -733,8 +825,12 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         with contextlib.suppress(Exception):
             freed = await self.pool.release(self._worker_index(lease.worker), lease.handle)
         self._update_gauges()
+        if not freed:  # its worker restarted or died before the watch noticed: the KV was lost
+            message = "the KV of this handle was lost with its worker (restarted); nothing was released"
+            await self._abort(context, "ReleaseKV", grpc.StatusCode.FAILED_PRECONDITION, message)
+            return None
         self.metrics.requests.labels("ReleaseKV", "OK").inc()
-        return pb.ReleaseKVResponse(released_bytes=freed or lease.kv_bytes)
+        return pb.ReleaseKVResponse(released_bytes=freed)  # what the worker freed, not the record
 
     async def GetModelInfo(self, request, context):
         try:

@@ -18,6 +18,7 @@ Input is validated before any compute (PrefillError, a ValueError, whose message
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import operator
 import os
@@ -49,7 +50,7 @@ def nll_slice_rows(vocab_size: int) -> int:
 
 
 class PrefillCancelled(Exception):
-    """`should_stop()` returned True between chunks; the partial work was dropped."""
+    """`should_stop()` returned True before a chunk or a layer; the partial work was dropped."""
 
 
 def token_ids_sha256(token_ids: torch.Tensor) -> str:
@@ -277,6 +278,25 @@ class PrefillEngine:
         )
 
     # the prefill -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _stop_between_layers(self, should_stop: Callable[[], bool] | None):
+        """Checks `should_stop()` before every decoder layer while the block runs, so that a
+        cancelled prefill stops within a layer's time rather than a chunk's."""
+        if should_stop is None:
+            yield
+            return
+
+        def check(module, args):
+            if should_stop():
+                raise PrefillCancelled("prefill cancelled inside a chunk")
+
+        hooks = [layer.register_forward_pre_hook(check) for layer in self._base.layers]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
     @torch.no_grad()
     def prefill(
         self,
@@ -295,7 +315,8 @@ class PrefillEngine:
 
         config overrides the engine's ProxyAttnConfig for this request, attention its mode.
         progress(tokens_done, total) is called after each chunk; should_stop() is checked before
-        each chunk and raises PrefillCancelled when it returns True. attention_observer(layer,
+        each chunk and each decoder layer (one chunk may cover a whole prompt) and raises
+        PrefillCancelled when it returns True. attention_observer(layer,
         q, k, v, stats_or_None, q_offset) sees every layer of every chunk. fixed_density (0, 1]
         replaces the gamma budgets with ceil(density x causal blocks) per row (benchmarks on
         models whose attention is near uniform). token_nll=True also scores every next token
@@ -352,7 +373,7 @@ class PrefillEngine:
             fixed_density=fixed_density,
         )
         device_ids = ids.to(self.device)
-        with attention_mod.active_context(ctx):
+        with attention_mod.active_context(ctx), self._stop_between_layers(should_stop):
             for start in range(0, n, chunk_size):
                 if should_stop is not None and should_stop():
                     raise PrefillCancelled(f"prefill cancelled after {start} of {n} tokens")
