@@ -40,6 +40,7 @@ from proxyprefill import __version__
 from proxyprefill.protos import prefill_pb2 as pb
 from proxyprefill.protos import prefill_pb2_grpc as pb_grpc
 
+from . import wire
 from .admission import Admission, AdmissionError
 from .auth import Authenticator, AuthError, Principal
 from .config import ServerConfig
@@ -216,26 +217,20 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         return self.port
 
     def _method_handlers(self) -> grpc.GenericRpcHandler:
-        """The service's handlers, as the generated registration makes them, except that FetchKV
-        sends pre-serialised chunks (encode_kv_chunk)."""
-        handlers = {
-            "Prefill": grpc.unary_stream_rpc_method_handler(
-                self.Prefill, pb.PrefillRequest.FromString, pb.PrefillEvent.SerializeToString
+        """The service's handlers: each identifies the caller, then reads and parses its one request
+        message itself (service/wire.py). FetchKV sends pre-serialised chunks (encode_kv_chunk)."""
+        methods = [
+            wire.Method("Prefill", pb.PrefillRequest, self.Prefill, pb.PrefillEvent.SerializeToString, True),
+            wire.Method("FetchKV", pb.FetchKVRequest, self.FetchKV, _pass_through, True),
+            wire.Method("RenewLease", pb.RenewLeaseRequest, self.RenewLease, pb.LeaseInfo.SerializeToString),
+            wire.Method(
+                "ReleaseKV", pb.ReleaseKVRequest, self.ReleaseKV, pb.ReleaseKVResponse.SerializeToString
             ),
-            "FetchKV": grpc.unary_stream_rpc_method_handler(
-                self.FetchKV, pb.FetchKVRequest.FromString, _pass_through
+            wire.Method(
+                "GetModelInfo", pb.GetModelInfoRequest, self.GetModelInfo, pb.ModelInfo.SerializeToString
             ),
-            "RenewLease": grpc.unary_unary_rpc_method_handler(
-                self.RenewLease, pb.RenewLeaseRequest.FromString, pb.LeaseInfo.SerializeToString
-            ),
-            "ReleaseKV": grpc.unary_unary_rpc_method_handler(
-                self.ReleaseKV, pb.ReleaseKVRequest.FromString, pb.ReleaseKVResponse.SerializeToString
-            ),
-            "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-                self.GetModelInfo, pb.GetModelInfoRequest.FromString, pb.ModelInfo.SerializeToString
-            ),
-        }
-        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+        ]
+        return wire.generic_handler(SERVICE_NAME, methods, self._identify, self._abort)
 
     async def drain(self, grace: float | None = None) -> None:
         """Graceful stop: health NOT_SERVING, refuse new prefills, let in-flight RPCs finish
