@@ -84,3 +84,18 @@ def test_more_than_one_request_message_is_refused(channel, null_service, method)
     assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, outcome
     assert "more than one" in outcome.details
     assert null_service.pool.calls == []
+
+
+def test_request_ids_and_handles_with_a_trailing_newline_are_refused(null_service):
+    """Defect 10: the patterns ended in `$` and were used with .match, which accepts "id\\n"."""
+    from proxyprefill.service.leases import LeaseError, new_handle
+    from proxyprefill.service.validation import RequestError, validate_prefill
+
+    server = null_service.server
+    request = pb.PrefillRequest(request_id="request-1\n", tokens=pb.TokenIds(ids=[1, 2, 3]))
+    with pytest.raises(RequestError) as caught:
+        validate_prefill(request, server.limits, None)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in caught.value.message
+    with pytest.raises(LeaseError) as caught:
+        server.leases.get(new_handle() + "\n", "anyone")
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "handle" in caught.value.message
