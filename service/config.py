@@ -49,6 +49,8 @@ class ServerConfig:
     auth_tokens_file: str | None = None  # lines "principal token"; auth is on when tokens exist
     auth_tokens: str | None = None  # "principal=token,principal=token" (environment use)
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; None = off
+    metrics_host: str = "127.0.0.1"  # where /metrics binds: loopback unless told, whatever listen says
+    metrics_require_token: bool = False  # /metrics only with a bearer token of auth_tokens(_file)
     max_message_bytes: int = 64 * MiB  # largest request the server will receive
     drain_seconds: float = 30.0  # grace period for in-flight requests on SIGTERM
 
@@ -120,6 +122,13 @@ class ServerConfig:
             path = getattr(self, name)
             need(path is None or Path(path).is_file(), name, "must name a readable file")
         need(self.tls_client_ca is None or self.tls_enabled, "tls_client_ca", "needs tls_cert and tls_key")
+        need(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port", "must be a port")
+        need(bool(self.metrics_host), "metrics_host", "must name an address")
+        need(
+            not self.metrics_require_token or bool(self.auth_tokens_file or self.auth_tokens),
+            "metrics_require_token",
+            "needs auth_tokens or auth_tokens_file",
+        )
         need(self.attention in ("proxy", "dense"), "attention", "must be 'proxy' or 'dense'")
         need(
             self.dtype in (None, "float32", "float16", "bfloat16"),
@@ -176,11 +185,19 @@ class ServerConfig:
 _FIELDS = {f.name: f for f in fields(ServerConfig) if f.name != "extra"}
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _coerce(name: str, raw: Any) -> Any:
     """Converts a string (environment, flags) or a file value to the field's type."""
     kind = str(_FIELDS[name].type)
     if raw is None:
         return None
+    if kind == "bool":
+        text = str(raw).strip().lower()  # also True/False from a file
+        if text not in _TRUE + _FALSE:
+            raise ConfigError(f"{name} must be true or false, got {raw!r}")
+        return text in _TRUE
     if isinstance(raw, str):
         text = raw.strip()
         if "None" in kind and text.lower() in ("", "none", "null"):
@@ -222,6 +239,11 @@ def from_environment(environ: dict[str, str] | None = None) -> dict:
 
 
 _HELP = {
+    "metrics_port": "serve Prometheus /metrics over HTTP on this port (default: off)",
+    "metrics_host": "address /metrics binds to, whatever --listen says (default 127.0.0.1; "
+    "0.0.0.0 for a scraper on another host)",
+    "metrics_require_token": "true: /metrics answers only requests with a bearer token of "
+    "--auth-tokens(-file), others get 401 (default false)",
     "pipeline_workers": "stage workers one sharded request may use (layer ranges); 0 = sharding off "
     "(default). Requests force a count with pipeline_stages",
     "shard_above_tokens": "prompts longer than this go to the planner, which may shard them over "

@@ -46,6 +46,7 @@ from .auth import Authenticator, AuthError, Principal
 from .config import ServerConfig
 from .leases import Lease, LeaseError, LeaseTable, new_handle
 from .metrics import ServiceMetrics
+from .metrics_http import MetricsEndpoint
 from .validation import Limits, PrefillPlan, RequestError, validate_prefill
 
 log = logging.getLogger("proxyprefill.service")
@@ -174,7 +175,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         self._sweeper: asyncio.Task | None = None
         self._draining = False
         self._stopped = asyncio.Event()
-        self._metrics_http = None  # (HTTP server, thread) of /metrics when metrics_port is set
+        self._metrics_http: MetricsEndpoint | None = None  # /metrics when metrics_port is set
         self.port: int | None = None
 
     # lifecycle -------------------------------------------------------------------------------
@@ -202,7 +203,12 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         else:
             self.port = server.add_insecure_port(self.config.listen)
         if self.config.metrics_port is not None:
-            self._metrics_http = self.metrics.serve_http(self.config.metrics_port)
+            self._metrics_http = MetricsEndpoint(
+                self.metrics.registry,
+                self.config.metrics_host,
+                self.config.metrics_port,
+                self.auth if self.config.metrics_require_token else None,
+            )
         await server.start()
         self._server = server
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -254,8 +260,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                 await self.pool.release(self._worker_index(lease.worker), lease.handle)
         self._update_gauges()
         if self._metrics_http is not None:
-            self._metrics_http[0].shutdown()
-            self._metrics_http[0].server_close()
+            self._metrics_http.close()
         self._stopped.set()
 
     async def wait(self) -> None:
