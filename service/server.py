@@ -747,17 +747,29 @@ def pool_kwargs(config: ServerConfig) -> dict:
 
 
 async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> None:
-    """Runs the service until SIGTERM/SIGINT (then drains): local Ray unless ray_address is set."""
+    """Runs the service until SIGTERM/SIGINT (then drains): local Ray unless ray_address is set.
+
+    A signal that comes while the workers start is held until they are up (stopping Ray in the
+    middle of ray.init or of a model load leaves it hung), then the workers and Ray are shut down
+    without serving; without this the process died of the signal and its Ray processes ran on."""
     from proxyprefill.workers.ray_pool import WorkerPool
 
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
     pool = await asyncio.to_thread(WorkerPool.start, engine_kwargs(config), **pool_kwargs(config))
     server = PrefillServer(config, pool)
     try:
+        if stop_requested.is_set():
+            log.warning("stop signal during start-up: shutting the workers and Ray down")
+            return
         await server.start()
         server.install_signal_handlers()
         if ready is not None:
             ready.set()
-        await server.wait()
+        if not stop_requested.is_set():  # else it came while the server started: drain at once
+            await server.wait()
     finally:
         await server.drain(0)
         pool.shutdown()
