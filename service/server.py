@@ -40,7 +40,7 @@ from proxyprefill import __version__
 from proxyprefill.protos import prefill_pb2 as pb
 from proxyprefill.protos import prefill_pb2_grpc as pb_grpc
 
-from . import wire
+from . import audit, wire
 from .admission import Admission, AdmissionError
 from .auth import Authenticator, AuthError, Principal
 from .config import ServerConfig
@@ -277,6 +277,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             for lease in self.leases.pop_expired():
                 self.metrics.leases_expired.inc()
                 log.info("lease expired handle=%s... bytes=%d", lease.handle[:8], lease.kv_bytes)
+                audit.handle_event(lease.handle, "expired", lease.owner, kv_bytes=lease.kv_bytes)
                 with contextlib.suppress(Exception):
                     await self.pool.release(self._worker_index(lease.worker), lease.handle)
             self._update_gauges()
@@ -481,6 +482,13 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                     last_token_id=int(plan.token_ids[-1]),
                 )
                 kept = False
+                audit.handle_event(
+                    lease.handle,
+                    "created",
+                    principal.name,
+                    request_id=plan.request_id,
+                    kv_bytes=lease.kv_bytes,
+                )
                 self._update_gauges()
                 yield pb.PrefillEvent(
                     kv_handle=pb.KVHandle(
@@ -623,6 +631,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             await self._abort(context, "FetchKV", error.code, error.message)
             return
         self.metrics.requests.labels("FetchKV", "OK").inc()
+        audit.handle_event(lease.handle, "fetched", principal.name, layers=f"{start}-{end}")
 
     async def RenewLease(self, request, context):
         try:
@@ -632,6 +641,9 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             await self._abort(context, "RenewLease", error.code, error.message)
             return None
         self.metrics.requests.labels("RenewLease", "OK").inc()
+        audit.handle_event(
+            lease.handle, "renewed", principal.name, expires_at_unix_ms=lease.expires_at_unix_ms
+        )
         return _lease_info(lease)
 
     async def ReleaseKV(self, request, context):
@@ -641,6 +653,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         except _REQUEST_ERRORS as error:
             await self._abort(context, "ReleaseKV", error.code, error.message)
             return None
+        audit.handle_event(lease.handle, "released", principal.name, kv_bytes=lease.kv_bytes)
         freed = 0
         with contextlib.suppress(Exception):
             freed = await self.pool.release(self._worker_index(lease.worker), lease.handle)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -126,3 +128,50 @@ class LogWatch(logging.Handler):
 
     def lines(self) -> list[str]:
         return [f"{r.levelname} {r.name}: {r.getMessage()[:200]}" for r in self.records]
+
+
+def tiny_model_config(model_dir, **overrides):
+    """A server configuration on the tiny random Llama saved in `model_dir` (tests/_support.py):
+    ProxyAttn runs sparse at once (dense_below_tokens 0, small budgets)."""
+    from proxyprefill.service import config as config_mod
+
+    values = dict(
+        listen="127.0.0.1:0",
+        model=str(model_dir),
+        num_workers=1,
+        dense_below_tokens=0,
+        min_budget_tokens=128,
+        min_budget_tokens_floor=128,
+        default_chunk_size=256,
+    )
+    values.update(overrides)
+    return config_mod.load(environ={}, **values)
+
+
+def start_tiny_model_pool(model_dir, num_cpus: int = 2):
+    """Local Ray and a one-worker pool on a freshly saved tiny random Llama (vocab 256, 2 layers)."""
+    import ray
+
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    from _support import save_tiny_llama
+
+    from proxyprefill.service.server import engine_kwargs
+    from proxyprefill.workers.ray_pool import WorkerPool
+
+    save_tiny_llama(model_dir, num_layers=2)
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    return WorkerPool.start(engine_kwargs(tiny_model_config(model_dir)), num_workers=1)
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path] | None:
+    """(key, certificate) for localhost/127.0.0.1 made by openssl, or None without openssl."""
+    import subprocess
+
+    key, cert = directory / "key.pem", directory / "cert.pem"
+    made = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        capture_output=True,
+    )  # fmt: skip
+    return None if made.returncode else (key, cert)
