@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 
-_PRINCIPAL = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+_PRINCIPAL = re.compile(r"[A-Za-z0-9._@-]{1,64}")  # used with fullmatch
 
 
 class AuthError(Exception):
@@ -45,7 +45,7 @@ def parse_tokens(text: str, separator: str | None = None) -> dict[str, str]:
         if len(parts) != 2 or not parts[1]:
             raise ValueError(f"auth token entry {number} must be 'principal token', got {entry[:20]!r}...")
         name, token = parts[0].strip(), parts[1].strip()
-        if not _PRINCIPAL.match(name):
+        if not _PRINCIPAL.fullmatch(name):
             raise ValueError(f"auth principal {name!r} must match {_PRINCIPAL.pattern}")
         if len(token) < 16:
             raise ValueError(f"auth token of {name!r} is shorter than 16 characters")

@@ -63,6 +63,12 @@ class ServerConfig:
         None, "tokens as 'principal=token,principal=token' (for the environment)"
     )
     metrics_port: int | None = option(None, "port of the Prometheus /metrics endpoint over HTTP; unset = off")
+    metrics_host: str = option(
+        "127.0.0.1", "address /metrics binds to: loopback unless told, whatever listen says"
+    )
+    metrics_require_token: bool = option(
+        False, "serve /metrics only to callers with a bearer token of auth_tokens(_file)"
+    )
     max_message_bytes: int = option(64 * MiB, "largest gRPC message the server receives or sends, in bytes")
     drain_seconds: float = option(30.0, "grace period for in-flight requests on SIGTERM, in seconds")
 
@@ -157,6 +163,13 @@ class ServerConfig:
             path = getattr(self, name)
             need(path is None or Path(path).is_file(), name, "must name a readable file")
         need(self.tls_client_ca is None or self.tls_enabled, "tls_client_ca", "needs tls_cert and tls_key")
+        need(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port", "must be a port")
+        need(bool(self.metrics_host), "metrics_host", "must name an address")
+        need(
+            not self.metrics_require_token or bool(self.auth_tokens_file or self.auth_tokens),
+            "metrics_require_token",
+            "needs auth_tokens or auth_tokens_file",
+        )
         need(self.attention in ("proxy", "dense"), "attention", "must be 'proxy' or 'dense'")
         need(self.backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}")
         need(self.device is None or _is_torch_device(self.device), "device", "must be cpu, cuda or cuda:N")
@@ -231,11 +244,19 @@ def _is_torch_device(name: str) -> bool:
     return True
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _coerce(name: str, raw: Any) -> Any:
     """Converts a string (environment, flags) or a file value to the field's type."""
     kind = str(_FIELDS[name].type)
     if raw is None:
         return None
+    if kind == "bool":
+        text = str(raw).strip().lower()  # also True/False from a file
+        if text not in _TRUE + _FALSE:
+            raise ConfigError(f"{name} must be true or false, got {raw!r}")
+        return text in _TRUE
     if isinstance(raw, str):
         text = raw.strip()
         if "None" in kind and text.lower() in ("", "none", "null"):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-HANDLE_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+HANDLE_PATTERN = re.compile(r"[0-9a-f]{32}")  # used with fullmatch: `$` would accept a trailing newline
 _FORGOTTEN_LIMIT = 65536  # how many released/expired handles keep their specific error message
 
 
@@ -154,7 +154,7 @@ class LeaseTable:
 
     # lookups ---------------------------------------------------------------------------------
     def get(self, handle: str, owner: str) -> Lease:
-        if not isinstance(handle, str) or not HANDLE_PATTERN.match(handle):
+        if not isinstance(handle, str) or not HANDLE_PATTERN.fullmatch(handle):
             raise LeaseError(grpc.StatusCode.INVALID_ARGUMENT, "handle must be 32 lowercase hex digits")
         with self._lock:
             lease = self._leases.get(handle)

@@ -1,9 +1,9 @@
 """Prometheus metrics of the service, in a registry of their own (several servers in one process,
-as the tests run them, do not collide). `serve_http(port)` exposes /metrics."""
+as the tests run them, do not collide). service/metrics_http.py serves them over HTTP."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 600, 1800)
 _RATE_BUCKETS = (100, 300, 1e3, 3e3, 1e4, 3e4, 1e5, 3e5, 1e6)
@@ -96,6 +96,3 @@ class ServiceMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
-
-    def serve_http(self, port: int, addr: str = "0.0.0.0"):
-        return start_http_server(port, addr=addr, registry=self.registry)

@@ -49,11 +49,13 @@ from proxyprefill.protos import prefill_pb2_grpc as pb_grpc
 from proxyprefill.workers.kv_push import KVPushError, PushTarget
 from proxyprefill.workers.kv_share import KVShareError, share_to_message, transport_name
 
+from . import audit, wire
 from .admission import Admission, AdmissionError
 from .auth import Authenticator, AuthError, Principal
 from .config import ServerConfig
 from .leases import Lease, LeaseError, LeaseTable, new_handle
 from .metrics import ServiceMetrics
+from .metrics_http import MetricsEndpoint
 from .validation import Limits, PrefillPlan, RequestError, validate_prefill
 
 log = logging.getLogger("proxyprefill.service")
@@ -187,7 +189,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         self._serving = True
         self._draining = False
         self._stopped = asyncio.Event()
-        self._metrics_http = None  # (HTTP server, thread) of /metrics when metrics_port is set
+        self._metrics_http: MetricsEndpoint | None = None  # /metrics when metrics_port is set
         self.port: int | None = None
 
     # lifecycle -------------------------------------------------------------------------------
@@ -215,7 +217,12 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         else:
             self.port = server.add_insecure_port(self.config.listen)
         if self.config.metrics_port is not None:
-            self._metrics_http = self.metrics.serve_http(self.config.metrics_port)
+            self._metrics_http = MetricsEndpoint(
+                self.metrics.registry,
+                self.config.metrics_host,
+                self.config.metrics_port,
+                self.auth if self.config.metrics_require_token else None,
+            )
         await server.start()
         self._server = server
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -231,32 +238,22 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         return self.port
 
     def _method_handlers(self) -> grpc.GenericRpcHandler:
-        """The service's handlers, as the generated registration makes them, except that FetchKV
-        sends pre-serialised chunks (encode_kv_chunk)."""
-        handlers = {
-            "Prefill": grpc.unary_stream_rpc_method_handler(
-                self.Prefill, pb.PrefillRequest.FromString, pb.PrefillEvent.SerializeToString
+        """The service's handlers: each identifies the caller, then reads and parses its one request
+        message itself (service/wire.py). FetchKV sends pre-serialised chunks (encode_kv_chunk)."""
+        methods = [
+            wire.Method("Prefill", pb.PrefillRequest, self.Prefill, pb.PrefillEvent.SerializeToString, True),
+            wire.Method("FetchKV", pb.FetchKVRequest, self.FetchKV, _pass_through, True),
+            wire.Method("RenewLease", pb.RenewLeaseRequest, self.RenewLease, pb.LeaseInfo.SerializeToString),
+            wire.Method(
+                "ReleaseKV", pb.ReleaseKVRequest, self.ReleaseKV, pb.ReleaseKVResponse.SerializeToString
             ),
-            "FetchKV": grpc.unary_stream_rpc_method_handler(
-                self.FetchKV, pb.FetchKVRequest.FromString, _pass_through
+            wire.Method(
+                "GetModelInfo", pb.GetModelInfoRequest, self.GetModelInfo, pb.ModelInfo.SerializeToString
             ),
-            "RenewLease": grpc.unary_unary_rpc_method_handler(
-                self.RenewLease, pb.RenewLeaseRequest.FromString, pb.LeaseInfo.SerializeToString
-            ),
-            "ReleaseKV": grpc.unary_unary_rpc_method_handler(
-                self.ReleaseKV, pb.ReleaseKVRequest.FromString, pb.ReleaseKVResponse.SerializeToString
-            ),
-            "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-                self.GetModelInfo, pb.GetModelInfoRequest.FromString, pb.ModelInfo.SerializeToString
-            ),
-            "MapKV": grpc.unary_unary_rpc_method_handler(
-                self.MapKV, pb.MapKVRequest.FromString, pb.KVMapping.SerializeToString
-            ),
-            "PushKV": grpc.unary_unary_rpc_method_handler(
-                self.PushKV, pb.PushKVRequest.FromString, pb.PushKVResponse.SerializeToString
-            ),
-        }
-        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+            wire.Method("MapKV", pb.MapKVRequest, self.MapKV, pb.KVMapping.SerializeToString),
+            wire.Method("PushKV", pb.PushKVRequest, self.PushKV, pb.PushKVResponse.SerializeToString),
+        ]
+        return wire.generic_handler(SERVICE_NAME, methods, self._identify, self._abort)
 
     async def drain(self, grace: float | None = None) -> None:
         """Graceful stop: health NOT_SERVING, refuse new prefills, let in-flight RPCs finish
@@ -281,8 +278,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                 await self.pool.release(self._worker_index(lease.worker), lease.handle)
         self._update_gauges()
         if self._metrics_http is not None:
-            self._metrics_http[0].shutdown()
-            self._metrics_http[0].server_close()
+            self._metrics_http.close()
         self._stopped.set()
 
     async def wait(self) -> None:
@@ -299,6 +295,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             for lease in self.leases.pop_expired():
                 self.metrics.leases_expired.inc()
                 log.info("lease expired handle=%s... bytes=%d", lease.handle[:8], lease.kv_bytes)
+                audit.handle_event(lease.handle, "expired", lease.owner, kv_bytes=lease.kv_bytes)
                 with contextlib.suppress(Exception):
                     await self.pool.release(self._worker_index(lease.worker), lease.handle)
             self._update_gauges()
@@ -563,6 +560,13 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                     last_token_id=int(plan.token_ids[-1]),
                 )
                 kept = False
+                audit.handle_event(
+                    lease.handle,
+                    "created",
+                    principal.name,
+                    request_id=plan.request_id,
+                    kv_bytes=lease.kv_bytes,
+                )
                 self._update_gauges()
                 yield pb.PrefillEvent(
                     kv_handle=pb.KVHandle(
@@ -725,6 +729,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             await self._abort(context, "FetchKV", error.code, error.message)
             return
         self.metrics.requests.labels("FetchKV", "OK").inc()
+        audit.handle_event(lease.handle, "fetched", principal.name, layers=f"{start}-{end}")
 
     async def MapKV(self, request, context):
         """Same-host handoff (workers/kv_share.py): the worker shares the KV memory once per
@@ -749,6 +754,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             await self._abort(context, "MapKV", error.code, error.message)
             return None
         self.metrics.requests.labels("MapKV", "OK").inc()
+        audit.handle_event(lease.handle, "mapped", principal.name, transport=share.transport)
         return share_to_message(share, kv_header_message(lease.header, lease.last_token_id))
 
     async def PushKV(self, request, context):
@@ -777,6 +783,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             return None
         self.metrics.kv_bytes_sent.inc(sent)
         self.metrics.requests.labels("PushKV", "OK").inc()
+        audit.handle_event(lease.handle, "pushed", principal.name, backend=target.backend, bytes=sent)
         return pb.PushKVResponse(
             header=kv_header_message(lease.header, lease.last_token_id),
             bytes_sent=sent,
@@ -812,6 +819,9 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             await self._abort(context, "RenewLease", error.code, error.message)
             return None
         self.metrics.requests.labels("RenewLease", "OK").inc()
+        audit.handle_event(
+            lease.handle, "renewed", principal.name, expires_at_unix_ms=lease.expires_at_unix_ms
+        )
         return _lease_info(lease)
 
     async def ReleaseKV(self, request, context):
@@ -821,6 +831,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         except _REQUEST_ERRORS as error:
             await self._abort(context, "ReleaseKV", error.code, error.message)
             return None
+        audit.handle_event(lease.handle, "released", principal.name, kv_bytes=lease.kv_bytes)
         freed = 0
         with contextlib.suppress(Exception):
             freed = await self.pool.release(self._worker_index(lease.worker), lease.handle)
@@ -931,17 +942,29 @@ def pool_kwargs(config: ServerConfig) -> dict:
 
 
 async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> None:
-    """Runs the service until SIGTERM/SIGINT (then drains): local Ray unless ray_address is set."""
+    """Runs the service until SIGTERM/SIGINT (then drains): local Ray unless ray_address is set.
+
+    A signal that comes while the workers start is held until they are up (stopping Ray in the
+    middle of ray.init or of a model load leaves it hung), then the workers and Ray are shut down
+    without serving; without this the process died of the signal and its Ray processes ran on."""
     from proxyprefill.workers.ray_pool import WorkerPool
 
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
     pool = await asyncio.to_thread(WorkerPool.start, engine_kwargs(config), **pool_kwargs(config))
     server = PrefillServer(config, pool)
     try:
+        if stop_requested.is_set():
+            log.warning("stop signal during start-up: shutting the workers and Ray down")
+            return
         await server.start()
         server.install_signal_handlers()
         if ready is not None:
             ready.set()
-        await server.wait()
+        if not stop_requested.is_set():  # else it came while the server started: drain at once
+            await server.wait()
     finally:
         await server.drain(0)
         pool.shutdown()

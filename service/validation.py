@@ -20,7 +20,7 @@ import numpy as np
 from proxyprefill.kernels.config import BUDGET_POLICIES, ProxyAttnConfig
 from proxyprefill.protos import prefill_pb2 as pb
 
-REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # used with fullmatch
 
 KV_RETURNS = {
     pb.KV_RETURN_UNSPECIFIED: "handle",
@@ -127,7 +127,7 @@ def validate_prefill(
 ) -> PrefillPlan:
     """Checks every field of `request`; tokenises text with `tokenize(text, add_special_tokens)`."""
     request_id = request.request_id or uuid.uuid4().hex
-    if not REQUEST_ID_PATTERN.match(request_id):
+    if not REQUEST_ID_PATTERN.fullmatch(request_id):
         raise invalid(f"request_id must match {REQUEST_ID_PATTERN.pattern}, got {request.request_id[:40]!r}")
 
     token_ids, from_text = _token_ids(request, limits, tokenize)

@@ -101,7 +101,7 @@ def _lease(table, owner="alice", nbytes=100, seconds=10):
 
 def test_handles_are_128_bit_hex_and_distinct():
     handles = {new_handle() for _ in range(1000)}
-    assert len(handles) == 1000 and all(HANDLE_PATTERN.match(h) for h in handles)
+    assert len(handles) == 1000 and all(HANDLE_PATTERN.fullmatch(h) for h in handles)
 
 
 def test_lease_lifecycle_codes():
