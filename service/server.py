@@ -64,6 +64,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PrefillService"].full_name
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 _SWEEP_SECONDS = 1.0
 _WATCH_SECONDS = 1.0  # how often every worker is pinged
+_CLEANUP_SECONDS = 60.0  # how long a stop waits for cancelled prefills to free their work and KV
 
 _REQUEST_ERRORS = (RequestError, LeaseError, AdmissionError, AuthError)
 # a worker's {"kind": "error", "error": ...} item -> status (anything else: INTERNAL)
@@ -186,6 +187,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         self._watcher: asyncio.Task | None = None
         self._incarnations: dict[int, str] = {}  # worker -> incarnation it last answered
         self._replacing: dict[int, asyncio.Task] = {}  # workers gone for good, being replaced
+        self._prefills: set[asyncio.Task] = set()  # handlers in _run_prefill (drain waits for them)
         self._serving = True
         self._draining = False
         self._stopped = asyncio.Event()
@@ -268,6 +270,8 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         log.info("draining: %d running, %d queued", self.admission.running, self.admission.queue_depth)
         if self._server is not None:
             await self._server.stop(grace)
+        if self._prefills:  # cancelled by the stop: let them stop their work and free their KV
+            await asyncio.wait(set(self._prefills), timeout=_CLEANUP_SECONDS)
         for task in (self._sweeper, self._watcher, *self._replacing.values()):
             if task is not None:
                 task.cancel()
@@ -499,6 +503,8 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             "stages": stages,  # read by the sharded route only
         }
         worker = ticket.worker
+        handler = asyncio.current_task()
+        self._prefills.add(handler)
         try:
             async with self.admission.turn(ticket):
                 queue_seconds = time.perf_counter() - accepted_at
@@ -582,6 +588,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             if kept:  # cancelled or failed after the worker kept KV: nobody owns it
                 with contextlib.suppress(Exception):
                     await self.pool.release(worker, keep_handle)
+            self._prefills.discard(handler)
 
     async def _abandon(self, worker: int, key: str, keep_handle: str | None) -> None:
         """Stops prefill `key` on its worker and waits until it has ended (the caller still holds

@@ -117,6 +117,31 @@ def test_cancel_after_the_worker_kept_the_kv_frees_it(served):
     assert len(server.leases) == 0 and server.leases.held_bytes == 0 and server.leases.reserved_bytes == 0
 
 
+def test_a_stop_without_grace_still_frees_the_kv_of_cancelled_prefills(model_dir):
+    config = _config(model_dir)
+    pool = InProcessPool(engine_kwargs(config))
+    worker = pool.workers[0]
+    kept, gate = threading.Event(), threading.Event()
+    finish = worker._finish
+
+    def finish_then_wait(*args):  # the KV is stored; its result item has not reached the server
+        item = finish(*args)
+        kept.set()
+        gate.wait(30)
+        return item
+
+    worker._finish = finish_then_wait
+    service = LocalService(config, pool=pool).start()
+    with PrefillClient(service.target) as client:
+        call = client.prefill_events(client.request(token_ids=prompt(300), kv="handle"))
+        next(iter(call))
+        assert kept.wait(30)
+        threading.Timer(0.5, gate.set).start()
+        service.stop(grace=0)  # the front end goes away with the prefill in flight
+    assert wait_for(lambda: worker.stats()["handles"] == 0, 10)
+    assert worker.stats()["running"] == 0
+
+
 def test_release_during_a_fetch_lets_the_fetch_finish_then_frees(served):
     server, pool, client = served
     worker = pool.workers[0]
