@@ -8,7 +8,8 @@ The job reads the documents (workers/batch_io.py), tokenises them, orders them l
 the long ones start early and the short ones fill the tail instead of one long document running
 alone at the end), then runs each through a `PrefillEngine`:
 
-- `workers=0`: in this process, one document after another;
+- `workers=0`: in this process, one document after another, its files written on a thread while
+  the engine runs the next;
 - `workers=N`: a Ray Data pipeline, the documents as a dataset of one block each, mapped by a pool
   of N actors that each hold an engine (one GPU each when the cluster has GPUs, else CPU) and write
   their document's files; the driver appends each finished document's manifest line.
@@ -25,7 +26,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +47,7 @@ from .batch_io import (
     save_tensors,
     write_atomically,
 )
-from .engine import PrefillEngine, PrefillError
+from .engine import PrefillEngine, PrefillError, PrefillResult
 from .kv_files import HEADER_KEY, save_kv
 
 EMIT_KINDS = ("kv", "nll", "logits", "stats")
@@ -195,9 +197,15 @@ class DocumentProcessor:
         self.output = Path(options.output)
 
     def process(self, item: WorkItem) -> ManifestRecord:
+        """prefill, then write."""
+        outcome = self.prefill(item)
+        return outcome if isinstance(outcome, ManifestRecord) else self.write(item, outcome)
+
+    def prefill(self, item: WorkItem) -> PrefillResult | ManifestRecord:
+        """The engine's result, or the failed record of a document that cannot run."""
         emit = self.options.emit
         try:
-            result = self.engine.prefill(
+            return self.engine.prefill(
                 item.token_ids,
                 chunk_size=self.options.chunk_size,
                 logits="last" if "logits" in emit else "none",
@@ -210,6 +218,10 @@ class DocumentProcessor:
         except torch.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             return ManifestRecord.failed(item.doc_id, f"out of memory: {exc}", num_tokens=len(item.token_ids))
+
+    def write(self, item: WorkItem, result: PrefillResult) -> ManifestRecord:
+        """Write the files `emit` asks for (each atomically); the document's written record."""
+        emit = self.options.emit
         stem = file_stem(item.doc_id)
         record = ManifestRecord(doc_id=item.doc_id, status="written", num_tokens=result.num_tokens)
         header = {HEADER_KEY: result.header.to_json()}
@@ -306,22 +318,46 @@ def _token_ids(doc, tokenizer, max_tokens: int | None) -> tuple[np.ndarray | Non
     return ids, None
 
 
+def _overlap_writes(processor: DocumentProcessor, items: list[WorkItem]) -> Iterator[ManifestRecord]:
+    """Records in item order; each document's files are written on a thread while the engine
+    runs the next one, so the device does not wait on the disk. At most one write is pending
+    (its result, KV included, stays in memory until written)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-writer") as writer:
+        pending: Future | None = None
+        for item in items:
+            outcome = processor.prefill(item)
+            if pending is not None:
+                yield pending.result()
+                pending = None
+            if isinstance(outcome, ManifestRecord):
+                yield outcome
+            else:
+                pending = writer.submit(processor.write, item, outcome)
+            del outcome
+        if pending is not None:
+            yield pending.result()
+
+
 def run_batch(
-    options: BatchOptions, on_progress: Callable[[BatchProgress], None] | None = print_progress
+    options: BatchOptions,
+    on_progress: Callable[[BatchProgress], None] | None = print_progress,
+    engine: PrefillEngine | None = None,
 ) -> BatchSummary:
     """Run the job described by `options` (validated first); see the module docstring.
-    on_progress gets a BatchProgress after every finished document (None: silent)."""
+    on_progress gets a BatchProgress after every finished document (None: silent). `engine`, with
+    workers=0, is an engine already loaded in this process (then options.model is not loaded)."""
     options.validate()
     started = time.perf_counter()
     output = Path(options.output)
     output.mkdir(parents=True, exist_ok=True)
     remove_partial_files(output)
     manifest = Manifest.open(output)
+    if engine is not None and options.workers:
+        raise BatchOptionError("--workers", "an engine given in-process needs workers=0")
     if options.workers == 0:
-        engine = load_engine(options)
+        engine = engine or load_engine(options)
         plan = plan_work(options, manifest, engine.tokenizer)
-        processor = DocumentProcessor(engine, options)
-        records = (processor.process(item) for item in plan.items)
+        records = _overlap_writes(DocumentProcessor(engine, options), plan.items)
     else:
         from . import batch_ray
 
