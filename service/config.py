@@ -232,6 +232,9 @@ class ServerConfig:
 
 
 _FIELDS = {f.name: f for f in fields(ServerConfig)}
+_UNDESCRIBED = [name for name, spec in _FIELDS.items() if "help" not in spec.metadata]
+if _UNDESCRIBED:  # every field is a flag and an environment variable: `serve --help` describes it
+    raise TypeError(f"ServerConfig fields need option(default, description): {_UNDESCRIBED}")
 
 
 def _is_torch_device(name: str) -> bool:
