@@ -140,6 +140,10 @@ class NeedleTrace:
             "dropped": len(dropped),
             "dropped_share": sum(h.needle_share for h in dropped),
             "reasons": {r: sum(h.reason == r for h in dropped) for r in REASONS},
+            "dropped_by_layer": {
+                str(layer): sum(h.layer == layer for h in dropped)
+                for layer in sorted({h.layer for h in dropped})
+            },
             "dropped_heads": [h.to_dict() for h in dropped],
         }
 

@@ -73,6 +73,8 @@ def plot(report: dict, out: Path) -> None:
         ax.set_xlabel("causal sparsity of this text's prefill")
         ax.set_ylabel("ΔNLL vs dense (nats/token)")
         ax.legend(fontsize=7)
+    for col in range(len(lengths), columns):
+        axes[0][col].axis("off")
     for col in range(len(dense["nll"]), columns):
         axes[1][col].axis("off")
     model = report["model"].get("model_id", "model") if isinstance(report["model"], dict) else report["model"]
