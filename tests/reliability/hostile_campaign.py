@@ -90,7 +90,7 @@ def prefill_requests(draw) -> pb.PrefillRequest:
     if which == "tokens":
         request.tokens.ids.extend(draw(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=40)))
     elif which == "huge":
-        request.tokens.ids.extend([7] * draw(st.sampled_from([4097, 100_000, 1_000_000])))
+        request.tokens.ids.extend([7] * draw(st.sampled_from([4097, 20_000])))  # 1M: oversized_and_empty
     elif which == "text":
         request.text = draw(st.text(max_size=80))
     request.chunk_size = draw(wild_uint32)
@@ -345,12 +345,13 @@ def run_live(service, cases_count: int, seed_value: int) -> Tally:
 
 
 def oversized_and_empty(service) -> Tally:
-    """Fixed cases the generator does not reach: a request over max_message_bytes, and streams of
-    zero and of many messages to every method."""
+    """Fixed cases too large to generate often: a request over max_message_bytes, a million token
+    ids, and streams of zero and of many messages to every method."""
     tally = Tally()
     too_big = pb.PrefillRequest(text="x" * (service.config.max_message_bytes + 1024)).SerializeToString()
+    million = pb.PrefillRequest(tokens=pb.TokenIds(ids=[7] * 1_000_000)).SerializeToString()
     with grpc.insecure_channel(service.target) as channel:
-        for method, raw_messages in [("Prefill", [too_big])] + [
+        for method, raw_messages in [("Prefill", [too_big]), ("Prefill", [million])] + [
             (method, batch) for method in METHODS for batch in ([], [b""] * 50)
         ]:
             tally.calls += 1
