@@ -264,8 +264,35 @@ def atheris_child(runs: int) -> None:
         code = decode_and_validate(method, data[1:], limits, table)
         assert code == grpc.StatusCode.OK or code in REFUSALS, code
 
-    atheris.Setup([sys.argv[0], f"-runs={runs}", "-max_len=2048", "-seed=1"], one)
+    corpus = Path(tempfile.mkdtemp(prefix="hostile-corpus-"))
+    for index, seed_message in enumerate(_seed_messages()):
+        (corpus / f"seed-{index}").write_bytes(seed_message)
+    atheris.Setup([sys.argv[0], f"-runs={runs}", "-max_len=2048", "-seed=1", str(corpus)], one)
     atheris.Fuzz()
+
+
+def _seed_messages() -> list[bytes]:
+    """Valid requests of every method (first byte: the method), for the fuzzer to mutate from:
+    parsing succeeds and validation goes deep, which random bytes rarely reach."""
+    prefill = pb.PrefillRequest(request_id="seed-1", tokens=pb.TokenIds(ids=list(range(1, 40))))
+    prefill.returns.logits = pb.LOGITS_RETURN_POSITIONS
+    prefill.returns.logit_positions.extend([0, 5])
+    prefill.attention.gamma, prefill.attention.stride, prefill.attention.budget = 0.9, 4, "gamma"
+    text = pb.PrefillRequest(text="some text", chunk_size=256)
+    text.attention.alpha, text.attention.exponent = 1.0, 0.5
+    handle = "0123456789abcdef" * 2
+    messages = {
+        "Prefill": [prefill, text],
+        "FetchKV": [pb.FetchKVRequest(handle=handle, max_chunk_bytes=4096, layer_start=0, layer_end=1)],
+        "RenewLease": [pb.RenewLeaseRequest(handle=handle, lease_seconds=30)],
+        "ReleaseKV": [pb.ReleaseKVRequest(handle=handle)],
+        "GetModelInfo": [pb.GetModelInfoRequest()],
+    }
+    return [
+        bytes([METHODS.index(method)]) + message.SerializeToString()
+        for method, examples in messages.items()
+        for message in examples
+    ]
 
 
 def run_atheris(runs: int) -> Tally:
@@ -348,6 +375,7 @@ def oversized_and_empty(service) -> Tally:
     """Fixed cases too large to generate often: a request over max_message_bytes, a million token
     ids, and streams of zero and of many messages to every method."""
     tally = Tally()
+    started = time.perf_counter()
     too_big = pb.PrefillRequest(text="x" * (service.config.max_message_bytes + 1024)).SerializeToString()
     million = pb.PrefillRequest(tokens=pb.TokenIds(ids=[7] * 1_000_000)).SerializeToString()
     with grpc.insecure_channel(service.target) as channel:
@@ -360,6 +388,7 @@ def oversized_and_empty(service) -> Tally:
             tally.outcomes[outcome.code.name] += 1
             if outcome.code not in REFUSALS:
                 tally.fail(f"{method} x{len(raw_messages)}: {outcome.code.name} {outcome.details[:120]!r}")
+    tally.seconds = time.perf_counter() - started
     return tally
 
 
@@ -391,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         help="generated messages decoded and validated in-process (default 10000)",
     )
     parser.add_argument(
-        "--atheris-runs", type=int, default=50_000, help="coverage-guided inputs (default 50000; 0 = skip)"
+        "--atheris-runs", type=int, default=200_000, help="coverage-guided inputs (default 200000; 0 = skip)"
     )
     parser.add_argument("--seed", type=int, default=16, help="hypothesis seed (default 16)")
     parser.add_argument("--atheris-child", type=int, default=None, help=argparse.SUPPRESS)
