@@ -99,3 +99,20 @@ def test_request_ids_and_handles_with_a_trailing_newline_are_refused(null_servic
     with pytest.raises(LeaseError) as caught:
         server.leases.get(new_handle() + "\n", "anyone")
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "handle" in caught.value.message
+
+
+def test_generated_messages_decoding_and_live_server(null_service):
+    """The campaign at CI size: generated messages through the decoding and validation, and
+    generated calls plus the fixed oversized and empty-stream cases against the live server."""
+    import hostile_campaign as campaign
+
+    with LogWatch() as watch:
+        decoding = campaign.run_decoding(300, null_service.server.limits, seed_value=16)
+        live = campaign.run_live(null_service, 150, seed_value=16)
+        fixed = campaign.oversized_and_empty(null_service)
+    assert decoding.messages == 300 and live.calls == 150
+    for tally in (decoding, live, fixed):
+        assert tally.failures == []
+    assert live.outcomes["INVALID_ARGUMENT"] > 60  # the generator does reach the refusals
+    assert watch.lines() == []
+    assert campaign.server_is_clean(null_service) == []
