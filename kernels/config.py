@@ -1,8 +1,8 @@
 """ProxyAttn settings, validated once at construction.
 
-Every knob of the algorithm lives here (DESIGN.md §2); functions take a `ProxyAttnConfig` rather
-than loose keyword arguments so that the reference, the Triton path and the service agree on
-names and defaults.
+Every knob of the algorithm lives here (ARCHITECTURE.md, "The algorithm"); functions take a
+`ProxyAttnConfig` rather than loose keyword arguments so that the reference, the Triton path and
+the service agree on names and defaults.
 """
 
 from __future__ import annotations

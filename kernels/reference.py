@@ -1,7 +1,7 @@
 """ProxyAttn in plain PyTorch: the oracle every other backend is checked against.
 
-Runs on any device, computes in float32, and follows DESIGN.md §2 step by step. It favours
-clarity over speed but never materialises more than a bounded tile of any token-level matrix,
+Runs on any device, computes in float32, and follows the steps of ARCHITECTURE.md ("The algorithm").
+It favours clarity over speed but never materialises more than a bounded tile of any token-level matrix,
 so it serves real models on the CPU at a few thousand tokens.
 
 Shapes follow Hugging Face's attention interface:
