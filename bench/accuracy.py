@@ -109,6 +109,7 @@ class AttentionProbe:
     block_size: int
     random_blocks: int = 3
     seed: int = 0
+    measure_recall: bool = True  # off: sparsity only (recall costs a dense softmax per sampled block)
     kept_blocks: list[float] = field(init=False)
     causal_blocks: list[float] = field(init=False)
     recall_sum: list[float] = field(init=False)
@@ -128,6 +129,8 @@ class AttentionProbe:
         heads = index.block_counts.shape[0] * index.block_counts.shape[1]
         self.kept_blocks[layer] += float(index.block_counts.double().sum())
         self.causal_blocks[layer] += float(causal.sum()) * heads
+        if not self.measure_recall:
+            return
         for m in self._sampled_blocks(index.num_query_blocks, layer, q_offset):
             kept = index.to_dense(rows=slice(m, m + 1))[:, :, 0]  # [B, Hq, Nk_blocks]
             recall = block_recall(q, k, kept, index.block_size, q_offset, m, self.scale)
@@ -274,31 +277,12 @@ def run_variant(engine, variant: Variant, workload: Workload, chunk_size: int, d
     started = time.perf_counter()
     nll_results = {}
     for text in workload.nll:
-        ids = text["ids"]
-        result = engine.prefill(
-            ids,
-            chunk_size=chunk_size,
-            logits=range(len(ids) - 1),
-            config=variant.config,
-            attention=variant.attention,
-            attention_observer=probe,
-        )
-        targets = torch.tensor(ids[1:])
-        token_nll = torch.nn.functional.cross_entropy(result.logits, targets, reduction="none").double()
-        top1 = result.logits.argmax(dim=-1)
-        half = len(token_nll) // 2
-        entry = {
-            "tokens": len(ids),
-            "nll": float(token_nll.mean()),
-            "nll_second_half": float(token_nll[half:].mean()),
-            "ppl": math.exp(float(token_nll.mean())),
-        }
+        entry, top1 = measure_nll(engine, variant, text["ids"], chunk_size, probe)
         if variant.attention == "dense":
             dense_top1[text["name"]] = top1
         elif text["name"] in dense_top1:
             entry["top1_agreement"] = float((top1 == dense_top1[text["name"]]).double().mean())
         nll_results[text["name"]] = entry
-        del result
 
     samples = []
     for item in workload.retrieval:
@@ -331,8 +315,40 @@ def run_variant(engine, variant: Variant, workload: Workload, chunk_size: int, d
 
 
 @torch.no_grad()
+def measure_nll(
+    engine, variant: Variant, ids: list[int], chunk_size: int, observer
+) -> tuple[dict, torch.Tensor]:
+    """Mean next-token NLL of `ids` under the variant's prefill (all, and its second half), and
+    the argmax next token at every position (for top-1 agreement with dense)."""
+    result = engine.prefill(
+        ids,
+        chunk_size=chunk_size,
+        logits=range(len(ids) - 1),
+        config=variant.config,
+        attention=variant.attention,
+        attention_observer=observer,
+    )
+    targets = torch.tensor(ids[1:], device=result.logits.device)
+    token_nll = torch.nn.functional.cross_entropy(result.logits, targets, reduction="none").double()
+    half = len(token_nll) // 2
+    entry = {
+        "tokens": len(ids),
+        "nll": float(token_nll.mean()),
+        "nll_second_half": float(token_nll[half:].mean()),
+        "ppl": math.exp(float(token_nll.mean())),
+    }
+    return entry, result.logits.argmax(dim=-1).cpu()
+
+
 def answer_predictions(engine, prompt: list[int], answer: list[int], variant: Variant, chunk_size, probe):
-    """Greedy predictions at every answer position, as serving would produce them.
+    """Greedy predictions at every answer position, as serving would produce them (see
+    `prefill_and_decode`)."""
+    return prefill_and_decode(engine, prompt, answer, variant, chunk_size, probe)[0]
+
+
+@torch.no_grad()
+def prefill_and_decode(engine, prompt: list[int], answer: list[int], variant: Variant, chunk_size, observer):
+    """(greedy predictions at every answer position, the prompt's PrefillResult).
 
     The prompt alone goes through the variant's prefill; its last logits predict the first answer
     token. The answer (teacher-forced) is then decoded with dense attention over the prefilled KV
@@ -345,7 +361,7 @@ def answer_predictions(engine, prompt: list[int], answer: list[int], variant: Va
         logits="last",
         config=variant.config,
         attention=variant.attention,
-        attention_observer=probe,
+        attention_observer=observer,
     )
     predicted = [int(result.logits[-1].argmax())]
     if len(answer) > 1:
@@ -357,7 +373,7 @@ def answer_predictions(engine, prompt: list[int], answer: list[int], variant: Va
             use_cache=True,
         ).logits[0]
         predicted += decoded.argmax(dim=-1).tolist()
-    return predicted
+    return predicted, result
 
 
 def summarise_retrieval(samples: list[dict]) -> dict:
@@ -557,7 +573,7 @@ def main(argv=None, engine=None, encode: Callable[[str], list[int]] | None = Non
             result = run_variant(engine, variant, workload, args.chunk_size, dense_top1)
         report["variants"].append(result)
         add_deltas(report["variants"])
-        _write_json(out, report)
+        write_json(out, report)
         retrieval = result["retrieval"].get("all", {})
         print(
             f"{variant.name:>20}: sparsity {result['sparsity']['overall']:.3f}  "
@@ -566,13 +582,13 @@ def main(argv=None, engine=None, encode: Callable[[str], list[int]] | None = Non
             flush=True,
         )
     report["complete"] = True
-    _write_json(out, report)
+    write_json(out, report)
     print(table(report["variants"]))
     print(f"wrote {out}")
     return report
 
 
-def _write_json(path: Path, report: dict) -> None:
+def write_json(path: Path, report: dict) -> None:
     staging = path.with_suffix(".json.tmp")
     staging.write_text(json.dumps(report, indent=1) + "\n")
     os.replace(staging, path)

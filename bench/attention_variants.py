@@ -3,7 +3,7 @@
     python bench/attention_variants.py                      # the variant table (H100: ~1 minute)
     python bench/attention_variants.py --profile ours       # one launch for ncu (see bench/NOTES-kernels.md)
 
-The production kernel (`kernels/triton_backend._sparse_attention_fwd`) walks a row's keep-first
+The production kernel (`kernels/triton_attention._sparse_attention_fwd`) walks a row's keep-first
 list with bounds-checked pointer loads and a causal mask under a branch taken on the diagonal
 block. This file holds one experimental kernel whose loop can be switched, piece by piece, to:
 
@@ -54,22 +54,13 @@ from kernels import (  # noqa: E402  (bench/kernels.py, the kernel benchmark)
     sdpa,
     time_ms,
 )
-from proxyprefill.kernels import BlockSparseIndex  # noqa: E402
-from proxyprefill.kernels import triton_backend as tb  # noqa: E402
+from proxyprefill.kernels import (  # noqa: E402
+    BlockSparseIndex,
+    triton_attention,
+    triton_common,
+)
 
 LOG2E = 1.4426950408889634
-
-# The production kernels' last compiled launches (for their TTGIR), caught at tb._record.
-LAUNCHED: dict = {}
-_record = tb._record
-
-
-def _record_and_keep(name, kernel):
-    LAUNCHED[name] = kernel
-    _record(name, kernel)
-
-
-tb._record = _record_and_keep
 
 
 @triton.jit
@@ -352,7 +343,7 @@ def _flags(tma=False, acc_in_dot=True, diag_first=False, warp_specialize=False, 
 
 # name -> (flags, (BLOCK_M, BLOCK_N, num_warps, num_stages)); flags None = the production kernel
 VARIANTS = {
-    "production": (None, None),  # kernels/triton_backend.py with its default choices
+    "production": (None, None),  # kernels/triton_attention.py with its default choices
     "base": (_flags(acc_in_dot=False), (128, 64, 8, 3)),
     "acc_in_dot": (_flags(), (128, 64, 8, 3)),
     "diag_first": (_flags(diag_first=True), (128, 64, 8, 3)),
@@ -422,11 +413,11 @@ def measure(
             index = forced_index(n, sparsity, seed=n + 1)
             first = diagonal_first(index)
             pairs = kept_pairs(index, n)
-            want, want_lse = tb.block_sparse_attention(q, k, v, index)
+            want, want_lse = triton_attention.block_sparse_attention(q, k, v, index)
             for name in names:
                 flags, tiles = VARIANTS[name]
                 if flags is None:
-                    fn = functools.partial(tb.block_sparse_attention, q, k, v, index)
+                    fn = functools.partial(triton_attention.block_sparse_attention, q, k, v, index)
                 else:
                     use = first if flags["DIAG_FIRST"] else index
                     fn = functools.partial(run_variant, q, k, v, use, flags, tiles)
@@ -441,9 +432,9 @@ def measure(
                     )
                     continue
                 if flags is None:
-                    kernel_name = "attention_tma" if tb._use_tma(q, k, v, BS) else "attention"
-                    resources = dict(tb.KERNEL_RESOURCES.get(kernel_name, {}), kernel=kernel_name)
-                    kernel = LAUNCHED.get(kernel_name)
+                    kernel_name = "attention_tma" if triton_attention._use_tma(q, k, v, BS) else "attention"
+                    resources = dict(triton_common.KERNEL_RESOURCES.get(kernel_name, {}), kernel=kernel_name)
+                    kernel = triton_common.LAST_LAUNCH.get(kernel_name)
                     lowered = ttgir_summary(kernel)
                 else:
                     kernel = got[2]
@@ -479,7 +470,7 @@ def profile_target(which: str, n: int, sparsity: float) -> None:
     q, k, v = random_inputs(n, seed=n)
     index = forced_index(n, sparsity, seed=n + 1)
     if which == "ours":
-        fn = lambda: tb.block_sparse_attention(q, k, v, index)  # noqa: E731
+        fn = lambda: triton_attention.block_sparse_attention(q, k, v, index)  # noqa: E731
     elif which == "cudnn":
         kr, vr = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
         from torch.nn.attention import SDPBackend

@@ -21,17 +21,21 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import os
 import platform
 import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LICENSE_DIR = Path("/usr/share/common-licenses")
+# A copy of the directory may be named where the system has none (the GPU machines).
+LICENSE_DIR = Path(os.environ.get("PROXYPREFILL_LICENSE_DIR", "/usr/share/common-licenses"))
 
 # The NLL licence text, and the ones the retrieval haystack is cut from.
 NLL_LICENSE = "GPL-3"
 HAYSTACK_LICENSES = ("GFDL-1.3", "LGPL-2.1", "MPL-2.0", "Apache-2.0", "GPL-2", "MPL-1.1")
+# Appended to the NLL licence text for contexts longer than it (~8k tokens): none is a haystack text.
+LONG_NLL_LICENSES = ("GPL-1", "LGPL-2", "GFDL-1.2", "LGPL-3", "Artistic", "CC0-1.0", "BSD")
 
 # Standard-library modules with long, prose-like docstrings (module, classes and functions).
 DOCSTRING_MODULES = (
@@ -112,6 +116,20 @@ def _module_docstrings(module_name: str) -> list[str]:
             if doc and len(doc) > 200:  # one-liners add little natural text
                 pieces.append(doc)
     return [p for p in pieces if p]
+
+
+def long_license_text() -> Text | None:
+    """The NLL licence text followed by the other licences that no retrieval haystack uses
+    (~26k tokens in all, for NLL at long contexts), or None where the directory is absent."""
+    texts = [t for t in (license_text(n) for n in (NLL_LICENSE, *LONG_NLL_LICENSES)) if t is not None]
+    if not texts or texts[0].name != f"license:{NLL_LICENSE}":
+        return None
+    return Text(
+        name="licenses:" + "+".join([NLL_LICENSE, *LONG_NLL_LICENSES]),
+        text="\n\n".join(t.text for t in texts),
+        source=", ".join(t.source for t in texts),
+        license="licence texts; verbatim copying and distribution permitted by each document",
+    )
 
 
 def nll_texts() -> list[Text]:

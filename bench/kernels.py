@@ -36,8 +36,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # provenance: a sibling
 import provenance  # noqa: E402
 
-from proxyprefill.kernels import BlockSparseIndex, ProxyAttnConfig, proxy_attention
-from proxyprefill.kernels import triton_backend as tb
+from proxyprefill.kernels import (
+    BlockSparseIndex,
+    ProxyAttnConfig,
+    proxy_attention,
+    triton_attention,
+    triton_budgets,
+    triton_common,
+    triton_index,
+    triton_scores,
+)
 
 HQ, HKV, D, BS = 32, 8, 128, 128
 DTYPE = torch.bfloat16
@@ -114,7 +122,7 @@ def forced_index(n: int, sparsity: float, seed: int) -> BlockSparseIndex:
     scores = scores.masked_fill(torch.arange(mq, device="cuda")[None, :] >= causal[:, None], float("-inf"))
     budgets = torch.ceil((1.0 - sparsity) * causal.double()).long().expand(1, HQ, mq)
     cfg = ProxyAttnConfig(block_size=BS, min_budget_tokens=0)
-    return tb.build_block_mask(scores, budgets.contiguous(), cfg, 0)
+    return triton_index.build_block_mask(scores, budgets.contiguous(), cfg, 0)
 
 
 def kept_pairs(index: BlockSparseIndex, n: int) -> float:
@@ -202,12 +210,14 @@ def tune_length(n: int, result: dict, gqa_only: bool = False) -> None:
     for sparsity in (0.0, 0.9):
         index = forced_index(n, sparsity, seed=n + 1)
         pairs = kept_pairs(index, n)
-        want, _ = tb.block_sparse_attention(q, k, v, index)
+        want, _ = triton_attention.block_sparse_attention(q, k, v, index)
         for *tiles, tma, packed in GQA_VARIANTS if gqa_only else TILE_VARIANTS:
             tiles = tuple(tiles)
 
             def attend(index=index, tiles=tiles, tma=tma, packed=packed):
-                return tb.block_sparse_attention(q, k, v, index, tiles=tiles, tma=tma, gqa_packed=packed)
+                return triton_attention.block_sparse_attention(
+                    q, k, v, index, tiles=tiles, tma=tma, gqa_packed=packed
+                )
 
             try:
                 err = rel_err(attend()[0], want)
@@ -217,7 +227,7 @@ def tune_length(n: int, result: dict, gqa_only: bool = False) -> None:
                 continue
             tflops = 4 * D * pairs / timing["median_ms"] / 1e9
             kernel = "attention_gqa" if packed else "attention_tma" if tma else "attention"
-            res = dict(tb.KERNEL_RESOURCES.get(kernel, {}))
+            res = dict(triton_common.KERNEL_RESOURCES.get(kernel, {}))
             result["rows"].append(
                 {
                     "kind": "tune",
@@ -240,16 +250,16 @@ def tune_length(n: int, result: dict, gqa_only: bool = False) -> None:
     if gqa_only:
         return
     cfg = ProxyAttnConfig()
-    want = tb.estimate_block_scores(q, k, cfg)
+    want = triton_scores.estimate_block_scores(q, k, cfg)
     finite = torch.isfinite(want)
     for tiles in SCORE_VARIANTS:
 
         def score(tiles=tiles):
-            return tb.estimate_block_scores(q, k, cfg, tiles=tiles)
+            return triton_scores.estimate_block_scores(q, k, cfg, tiles=tiles)
 
         err = rel_err(score()[finite], want[finite])
         timing = time_ms(score, reps)
-        res = dict(tb.KERNEL_RESOURCES.get("scores", {}))
+        res = dict(triton_common.KERNEL_RESOURCES.get("scores", {}))
         result["rows"].append({"kind": "tune_scores", "n": n, "tiles": list(tiles), "scores": timing, **res})
         print(f"  N={n} scores tiles {tiles}: {timing['median_ms']:.3f} ms err {err:.1e} {res}", flush=True)
 
@@ -280,7 +290,7 @@ def crossover_length(n: int, cudnn, result: dict) -> None:
     kr, vr = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
     reps = repeats_for(n, 20)
     dense_index = BlockSparseIndex.dense(1, HQ, 1, n, n, BS, device="cuda")
-    dense = time_ms(lambda: tb.block_sparse_attention(q, k, v, dense_index), reps)
+    dense = time_ms(lambda: triton_attention.block_sparse_attention(q, k, v, dense_index), reps)
     base = time_ms(lambda: cudnn(q, kr, vr), reps)
     row = {"kind": "crossover", "n": n, "ours_dense": dense, "cudnn": base, "sparse": {}}
     text = []
@@ -321,8 +331,8 @@ def run_length(n: int, args, cudnn, fa2, flex, rows: list) -> None:
     for sparsity in args.sparsities:
         index = forced_index(n, sparsity, seed=n + 1)
         density = kept_pairs(index, n) / causal_pairs(n)
-        ours = time_ms(lambda index=index: tb.block_sparse_attention(q, k, v, index), reps)
-        out, _ = tb.block_sparse_attention(q, k, v, index)
+        ours = time_ms(lambda index=index: triton_attention.block_sparse_attention(q, k, v, index), reps)
+        out, _ = triton_attention.block_sparse_attention(q, k, v, index)
         row = {
             "kind": "forced",
             "n": n,
@@ -359,17 +369,17 @@ def run_length(n: int, args, cudnn, fa2, flex, rows: list) -> None:
     cfg = ProxyAttnConfig(proxy_groups=1, stride=4, gamma=0.95)
 
     def estimate(q=q, k=k, cfg=cfg):
-        scores = tb.estimate_block_scores(q, k, cfg)
-        budgets = tb.head_budgets(q, k, cfg)
-        return tb.build_block_mask(scores, budgets, cfg)
+        scores = triton_scores.estimate_block_scores(q, k, cfg)
+        budgets = triton_budgets.head_budgets(q, k, cfg)
+        return triton_index.build_block_mask(scores, budgets, cfg)
 
     est = time_ms(estimate, reps)
     parts = {
-        "scores": time_ms(lambda: tb.estimate_block_scores(q, k, cfg), reps),
-        "budgets": time_ms(lambda: tb.head_budgets(q, k, cfg), reps),
+        "scores": time_ms(lambda: triton_scores.estimate_block_scores(q, k, cfg), reps),
+        "budgets": time_ms(lambda: triton_budgets.head_budgets(q, k, cfg), reps),
     }
-    scores, budgets = tb.estimate_block_scores(q, k, cfg), tb.head_budgets(q, k, cfg)
-    parts["index"] = time_ms(lambda: tb.build_block_mask(scores, budgets, cfg), reps)
+    scores, budgets = triton_scores.estimate_block_scores(q, k, cfg), triton_budgets.head_budgets(q, k, cfg)
+    parts["index"] = time_ms(lambda: triton_index.build_block_mask(scores, budgets, cfg), reps)
     rows.append(
         {
             "kind": "estimation",
@@ -574,8 +584,8 @@ def main() -> None:
         "commit": git_commit(),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "shape": {"batch": 1, "q_heads": HQ, "kv_heads": HKV, "head_dim": D, "block": BS, "dtype": "bf16"},
-        "attention_tiles_d128": list(tb.ATTENTION_TILES[D]),
-        "tma_attention_tiles_d128": list(tb.TMA_ATTENTION_TILES[D]),
+        "attention_tiles_d128": list(triton_attention.ATTENTION_TILES[D]),
+        "tma_attention_tiles_d128": list(triton_attention.TMA_ATTENTION_TILES[D]),
         "rows": [],
     }
     if args.tune:
@@ -598,8 +608,8 @@ def main() -> None:
         out_path.write_text(json.dumps(result, indent=1))  # partial results survive a time limit
 
     crossover(args.crossover, cudnn, result)
-    result["kernel_resources"] = tb.KERNEL_RESOURCES
-    print("kernel resources:", json.dumps(tb.KERNEL_RESOURCES))
+    result["kernel_resources"] = triton_common.KERNEL_RESOURCES
+    print("kernel resources:", json.dumps(triton_common.KERNEL_RESOURCES))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {out_path}")

@@ -1,8 +1,8 @@
 """ProxyAttn settings, validated once at construction.
 
-Every knob of the algorithm lives here (DESIGN.md §2); functions take a `ProxyAttnConfig` rather
-than loose keyword arguments so that the reference, the Triton path and the service agree on
-names and defaults.
+Every knob of the algorithm lives here (ARCHITECTURE.md, "The algorithm"); functions take a
+`ProxyAttnConfig` rather than loose keyword arguments so that the reference, the Triton path and
+the service agree on names and defaults.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
+from .registry import ESTIMATORS
+
 BudgetPolicy = Literal["gamma", "power", "gamma+power"]
 RowRule = Literal["fixed", "scaled"]
-Estimator = Literal["proxy", "meanpool"]
 
 BUDGET_POLICIES = ("gamma", "power", "gamma+power")
 ROW_RULES = ("fixed", "scaled")
-ESTIMATORS = ("proxy", "meanpool")
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,10 @@ class ProxyAttnConfig:
         measured on an H100 (bench/results/kernels-h100.json, block 128, d=128, 32/8 heads): at
         8k keys the whole sparse path at ~66% sparsity ties cuDNN (1.62 vs 1.59 ms), from 12k it
         wins (1.72 vs 2.02 ms). On the CPU, or with smaller blocks, set it explicitly.
-    estimator: "proxy" (ProxyAttn's strided proxy-head scores) or "meanpool" (the coarse
-        baseline: per-group scores of mean-pooled query and key blocks, as sequence-compressing
-        methods do), kept for comparison in the accuracy harness.
+    estimator: the block-score estimator, a name in kernels/registry.ESTIMATORS: "proxy"
+        (ProxyAttn's strided proxy-head scores) or "meanpool" (the coarse baseline: per-group
+        scores of mean-pooled query and key blocks, as sequence-compressing methods do), kept
+        for comparison in the accuracy harness.
     """
 
     block_size: int = 128
@@ -62,7 +63,7 @@ class ProxyAttnConfig:
     sink_blocks: int = 1
     local_blocks: int = 1
     dense_below_tokens: int = 8192
-    estimator: Estimator = "proxy"
+    estimator: str = "proxy"
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, minimum=16)
@@ -89,7 +90,7 @@ class ProxyAttnConfig:
         _check_int("local_blocks", self.local_blocks, minimum=1)
         _check_int("dense_below_tokens", self.dense_below_tokens, minimum=0)
         if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+            raise ValueError(f"estimator must be one of {tuple(ESTIMATORS)}, got {self.estimator!r}")
 
     @property
     def min_budget_blocks(self) -> int:

@@ -1,7 +1,7 @@
 """ProxyAttn in plain PyTorch: the oracle every other backend is checked against.
 
-Runs on any device, computes in float32, and follows DESIGN.md §2 step by step. It favours
-clarity over speed but never materialises more than a bounded tile of any token-level matrix,
+Runs on any device, computes in float32, and follows the steps of ARCHITECTURE.md ("The algorithm").
+It favours clarity over speed but never materialises more than a bounded tile of any token-level matrix,
 so it serves real models on the CPU at a few thousand tokens.
 
 Shapes follow Hugging Face's attention interface:
@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from .backend import AttentionBackend
 from .config import ProxyAttnConfig
 from .index import BlockSparseIndex, causal_block_mask, causal_blocks_per_row, forced_block_mask
 
@@ -287,3 +288,20 @@ def block_sparse_attention(
         out[:, :, r0:r1] = torch.einsum("bhij,bhjd->bhid", probs, vf[:, :, :kmax]).to(q.dtype)
         lse[:, :, r0:r1] = tile_lse
     return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# The reference as an attention backend (kernels/registry.py: "torch")
+# --------------------------------------------------------------------------------------------
+class ReferenceBackend(AttentionBackend):
+    """The steps above, on any device, dtype and head dim (they compute in float32)."""
+
+    name = "torch"
+
+    def unsupported_reason(self, device, dtype, head_dim, *, emulated=False):
+        return None
+
+    estimate_block_scores = staticmethod(estimate_block_scores)
+    head_budgets = staticmethod(head_budgets)
+    build_block_mask = staticmethod(build_block_mask)
+    block_sparse_attention = staticmethod(block_sparse_attention)

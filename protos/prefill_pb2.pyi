@@ -27,6 +27,12 @@ class AttentionMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ATTENTION_MODE_UNSPECIFIED: _ClassVar[AttentionMode]
     ATTENTION_MODE_PROXY: _ClassVar[AttentionMode]
     ATTENTION_MODE_DENSE: _ClassVar[AttentionMode]
+
+class KVTransport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KV_TRANSPORT_UNSPECIFIED: _ClassVar[KVTransport]
+    KV_TRANSPORT_SHARED_MEMORY: _ClassVar[KVTransport]
+    KV_TRANSPORT_CUDA_IPC: _ClassVar[KVTransport]
 KV_RETURN_UNSPECIFIED: KVReturn
 KV_RETURN_NONE: KVReturn
 KV_RETURN_HANDLE: KVReturn
@@ -39,6 +45,9 @@ LOGITS_RETURN_POSITIONS: LogitsReturn
 ATTENTION_MODE_UNSPECIFIED: AttentionMode
 ATTENTION_MODE_PROXY: AttentionMode
 ATTENTION_MODE_DENSE: AttentionMode
+KV_TRANSPORT_UNSPECIFIED: KVTransport
+KV_TRANSPORT_SHARED_MEMORY: KVTransport
+KV_TRANSPORT_CUDA_IPC: KVTransport
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
@@ -265,6 +274,86 @@ class FetchKVRequest(_message.Message):
     layer_end: int
     include_token_ids: bool
     def __init__(self, handle: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., include_token_ids: _Optional[bool] = ...) -> None: ...
+
+class MapKVRequest(_message.Message):
+    __slots__ = ("handle", "transport")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    transport: KVTransport
+    def __init__(self, handle: _Optional[str] = ..., transport: _Optional[_Union[KVTransport, str]] = ...) -> None: ...
+
+class SharedTensor(_message.Message):
+    __slots__ = ("shape", "stride", "offset_bytes", "cuda_ipc_handle", "cuda_storage_bytes", "cuda_storage_offset_bytes", "storage_offset", "cuda_device", "cuda_ref_counter_handle", "cuda_ref_counter_offset", "cuda_event_handle", "cuda_event_sync_required")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    CUDA_STORAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CUDA_STORAGE_OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CUDA_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    CUDA_REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    CUDA_REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CUDA_EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    CUDA_EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    stride: _containers.RepeatedScalarFieldContainer[int]
+    offset_bytes: int
+    cuda_ipc_handle: bytes
+    cuda_storage_bytes: int
+    cuda_storage_offset_bytes: int
+    storage_offset: int
+    cuda_device: int
+    cuda_ref_counter_handle: bytes
+    cuda_ref_counter_offset: int
+    cuda_event_handle: bytes
+    cuda_event_sync_required: bool
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., stride: _Optional[_Iterable[int]] = ..., offset_bytes: _Optional[int] = ..., cuda_ipc_handle: _Optional[bytes] = ..., cuda_storage_bytes: _Optional[int] = ..., cuda_storage_offset_bytes: _Optional[int] = ..., storage_offset: _Optional[int] = ..., cuda_device: _Optional[int] = ..., cuda_ref_counter_handle: _Optional[bytes] = ..., cuda_ref_counter_offset: _Optional[int] = ..., cuda_event_handle: _Optional[bytes] = ..., cuda_event_sync_required: _Optional[bool] = ...) -> None: ...
+
+class KVMapping(_message.Message):
+    __slots__ = ("header", "transport", "host_id", "shm_name", "shm_bytes", "keys", "values", "token_ids")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    SHM_NAME_FIELD_NUMBER: _ClassVar[int]
+    SHM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    header: KVHeader
+    transport: KVTransport
+    host_id: str
+    shm_name: str
+    shm_bytes: int
+    keys: _containers.RepeatedCompositeFieldContainer[SharedTensor]
+    values: _containers.RepeatedCompositeFieldContainer[SharedTensor]
+    token_ids: bytes
+    def __init__(self, header: _Optional[_Union[KVHeader, _Mapping]] = ..., transport: _Optional[_Union[KVTransport, str]] = ..., host_id: _Optional[str] = ..., shm_name: _Optional[str] = ..., shm_bytes: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[SharedTensor, _Mapping]]] = ..., values: _Optional[_Iterable[_Union[SharedTensor, _Mapping]]] = ..., token_ids: _Optional[bytes] = ...) -> None: ...
+
+class PushKVRequest(_message.Message):
+    __slots__ = ("handle", "rendezvous", "backend", "transfer_id", "timeout_seconds")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    rendezvous: str
+    backend: str
+    transfer_id: str
+    timeout_seconds: int
+    def __init__(self, handle: _Optional[str] = ..., rendezvous: _Optional[str] = ..., backend: _Optional[str] = ..., transfer_id: _Optional[str] = ..., timeout_seconds: _Optional[int] = ...) -> None: ...
+
+class PushKVResponse(_message.Message):
+    __slots__ = ("header", "bytes_sent", "seconds")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    header: KVHeader
+    bytes_sent: int
+    seconds: float
+    def __init__(self, header: _Optional[_Union[KVHeader, _Mapping]] = ..., bytes_sent: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class RenewLeaseRequest(_message.Message):
     __slots__ = ("handle", "lease_seconds")

@@ -59,6 +59,16 @@ class PrefillServiceStub:
                 request_serializer=prefill__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=prefill__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.MapKV = channel.unary_unary(
+                '/proxyprefill.v1.PrefillService/MapKV',
+                request_serializer=prefill__pb2.MapKVRequest.SerializeToString,
+                response_deserializer=prefill__pb2.KVMapping.FromString,
+                _registered_method=True)
+        self.PushKV = channel.unary_unary(
+                '/proxyprefill.v1.PrefillService/PushKV',
+                request_serializer=prefill__pb2.PushKVRequest.SerializeToString,
+                response_deserializer=prefill__pb2.PushKVResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillServiceServicer:
@@ -100,6 +110,24 @@ class PrefillServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MapKV(self, request, context):
+        """Same-host handoff: where a decode process on the worker's machine can map the KV behind a
+        handle without copying it over gRPC (shared memory, or CUDA IPC for GPU-resident KV). The
+        mapping stays valid while the lease lives; ReleaseKV or expiry unmaps it on the worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushKV(self, request, context):
+        """Pushes the KV behind a handle to a decode process over a torch.distributed link (gloo over
+        TCP, or NCCL GPU to GPU). The decode process hosts the rendezvous and receives while this
+        call runs; it answers when every tensor has been sent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +155,16 @@ def add_PrefillServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=prefill__pb2.GetModelInfoRequest.FromString,
                     response_serializer=prefill__pb2.ModelInfo.SerializeToString,
+            ),
+            'MapKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.MapKV,
+                    request_deserializer=prefill__pb2.MapKVRequest.FromString,
+                    response_serializer=prefill__pb2.KVMapping.SerializeToString,
+            ),
+            'PushKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushKV,
+                    request_deserializer=prefill__pb2.PushKVRequest.FromString,
+                    response_serializer=prefill__pb2.PushKVResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +302,60 @@ class PrefillService:
             '/proxyprefill.v1.PrefillService/GetModelInfo',
             prefill__pb2.GetModelInfoRequest.SerializeToString,
             prefill__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MapKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/proxyprefill.v1.PrefillService/MapKV',
+            prefill__pb2.MapKVRequest.SerializeToString,
+            prefill__pb2.KVMapping.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/proxyprefill.v1.PrefillService/PushKV',
+            prefill__pb2.PushKVRequest.SerializeToString,
+            prefill__pb2.PushKVResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,6 +5,7 @@
     proxyprefill decode --server HOST:PORT --handle HEX [--max-new-tokens 32]
     proxyprefill info --server HOST:PORT
     proxyprefill demo        # the service in-process on the default model: prefill a document, fetch, decode
+    proxyprefill batch --input docs.jsonl|docs.parquet|FOLDER --output DIR [--emit kv,nll,logits,stats] ...
 
 Client commands read a bearer token from --token or PROXYPREFILL_TOKEN, and a CA certificate for
 TLS from --tls-ca.
@@ -42,7 +43,11 @@ def cmd_serve(args) -> int:
     from proxyprefill.service import config as config_mod
     from proxyprefill.service.server import serve
 
-    config = config_mod.load(args)
+    try:
+        config = config_mod.load(args)
+    except config_mod.ConfigError as error:  # a bad value stops the start, naming its field
+        print(f"proxyprefill serve: configuration error: {error}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     asyncio.run(serve(config))
     return 0
@@ -137,7 +142,13 @@ def cmd_decode(args) -> int:
     model, tokenizer = load_decoder(args.model)
     with _client(args) as client:
         tokens, text = decode_handle(
-            client, args.handle, model, tokenizer, max_new_tokens=args.max_new_tokens
+            client,
+            args.handle,
+            model,
+            tokenizer,
+            max_new_tokens=args.max_new_tokens,
+            layout=args.layout,
+            page_size=args.page_size,
         )
     print(f"{len(tokens)} new tokens: {tokens}")
     print(text)
@@ -224,13 +235,131 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# batch ---------------------------------------------------------------------------------------
+def _add_batch_flags(parser: argparse.ArgumentParser) -> None:
+    from proxyprefill.kernels.config import ProxyAttnConfig
+    from proxyprefill.workers import batch
+
+    proxy = ProxyAttnConfig()
+    add = parser.add_argument
+    add("--input", required=True, help="a .jsonl file, a .parquet file, or a folder of UTF-8 text files")
+    add("--output", required=True, help="output folder: kv/, nll/, logits/ and manifest.jsonl")
+    add(
+        "--emit",
+        default=",".join(batch.EMIT_KINDS),
+        help="comma list of kv,nll,logits,stats (default: %(default)s)",
+    )
+    add("--model", default=None, help="HF model folder or .gguf file (default: the embedded SmolLM2)")
+    add("--attention", default="proxy", help="proxy or dense (default: %(default)s)")
+    add("--chunk-size", type=int, default=8192, help="prefill chunk in tokens (default: %(default)s)")
+    add(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="longer documents fail as too long (default: the model's limit)",
+    )
+    add(
+        "--workers",
+        type=int,
+        default=0,
+        help="0: in this process; N: Ray Data pool of N engines (default: 0)",
+    )
+    add(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join with --workers N (default: a running one, else a new one)",
+    )
+    add("--device", default="auto", help="auto (cuda when present), cpu or cuda (default: %(default)s)")
+    add("--order", default="longest-first", help="longest-first or input (default: %(default)s)")
+    add("--text-field", default="text", help="JSONL/Parquet field holding the text (default: %(default)s)")
+    add("--id-field", default="id", help="JSONL/Parquet field holding the document id (default: %(default)s)")
+    add(
+        "--gamma",
+        type=float,
+        default=proxy.gamma,
+        help="ProxyAttn attention mass to keep (default: %(default)s)",
+    )
+    add(
+        "--block-size",
+        type=int,
+        default=proxy.block_size,
+        help="ProxyAttn block in tokens (default: %(default)s)",
+    )
+    add(
+        "--min-budget-tokens",
+        type=int,
+        default=proxy.min_budget_tokens,
+        help="ProxyAttn floor per row (default: %(default)s)",
+    )
+    add(
+        "--dense-below-tokens",
+        type=int,
+        default=proxy.dense_below_tokens,
+        help="dense attention below this context (default: %(default)s)",
+    )
+    add("--quiet", action="store_true", help="no progress lines on stderr (default: off)")
+
+
+def batch_options(args):
+    """BatchOptions from parsed flags; raises BatchOptionError naming the bad flag."""
+    from proxyprefill.kernels.config import ProxyAttnConfig
+    from proxyprefill.workers.batch import BatchOptionError, BatchOptions
+
+    proxy_flags = {"gamma": args.gamma, "block_size": args.block_size}
+    proxy_flags.update(min_budget_tokens=args.min_budget_tokens, dense_below_tokens=args.dense_below_tokens)
+    try:
+        proxy = ProxyAttnConfig(**proxy_flags)
+    except (ValueError, TypeError) as exc:
+        named = next((name for name in proxy_flags if str(exc).startswith(name)), "gamma")
+        raise BatchOptionError("--" + named.replace("_", "-"), str(exc)) from None
+    emit = tuple(kind.strip() for kind in args.emit.split(",") if kind.strip())
+    return BatchOptions(
+        input=args.input,
+        output=args.output,
+        emit=emit,
+        model=args.model,
+        attention=args.attention,
+        proxy=proxy,
+        chunk_size=args.chunk_size,
+        max_tokens=args.max_tokens,
+        workers=args.workers,
+        device=args.device,
+        order=args.order,
+        text_field=args.text_field,
+        id_field=args.id_field,
+        ray_address=args.ray_address,
+    ).validate()
+
+
+def cmd_batch(args) -> int:
+    from proxyprefill.workers.batch import BatchOptionError, print_progress, run_batch
+
+    try:
+        options = batch_options(args)
+    except BatchOptionError as exc:
+        print(f"proxyprefill batch: error: {exc}", file=sys.stderr)
+        return 2
+    summary = run_batch(options, on_progress=None if args.quiet else print_progress)
+    print(
+        f"batch: {summary.documents_found} documents in the input, {summary.documents_skipped} already done, "
+        f"{summary.documents_written} written, {summary.documents_failed} failed; "
+        f"{summary.tokens} tokens in {summary.seconds:.1f} s; manifest {summary.manifest}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="proxyprefill", description="Long-context prefill service (ProxyAttn)"
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the gRPC service (local Ray unless --ray-address)")
+    serve = commands.add_parser(
+        "serve",
+        help="run the gRPC service (local Ray unless --ray-address)",
+        description="Run the gRPC prefill service. Every option also comes from a --config file or the "
+        "environment; flags win over the environment, which wins over the file.",
+    )
     from proxyprefill.service.config import add_flags
 
     add_flags(serve)
@@ -252,6 +381,15 @@ def main(argv: list[str] | None = None) -> int:
     decode.add_argument("--handle", required=True)
     decode.add_argument("--max-new-tokens", type=int, default=32)
     decode.add_argument("--model", default=None, help="the model (default: the embedded SmolLM2)")
+    decode.add_argument(
+        "--layout",
+        choices=["contiguous", "paged"],
+        default="contiguous",
+        help="decode from the KV as fetched, or from a paged copy of it (default: contiguous)",
+    )
+    decode.add_argument(
+        "--page-size", type=int, default=16, help="tokens per block of the paged layout (default: 16)"
+    )
     decode.set_defaults(run=cmd_decode)
 
     info = commands.add_parser("info", help="model, limits and health of a running service")
@@ -263,6 +401,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--min-budget-tokens", type=int, default=256)
     demo.add_argument("--max-new-tokens", type=int, default=24)
     demo.set_defaults(run=cmd_demo)
+
+    batch = commands.add_parser(
+        "batch", help="prefill every document of a corpus offline, outputs to a folder"
+    )
+    _add_batch_flags(batch)
+    batch.set_defaults(run=cmd_batch)
 
     args = parser.parse_args(argv)
     return args.run(args)

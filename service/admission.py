@@ -3,8 +3,10 @@
 A request is admitted when the prompt tokens already admitted and not yet finished, plus its own,
 stay within `max_pending_tokens`; otherwise RESOURCE_EXHAUSTED. Prompt tokens, not request counts,
 measure load: one 1M-token prompt costs more than a thousand short ones. An admitted request goes
-to the worker with the fewest pending tokens (ties: the lowest index) and waits there for one of
-the worker's `slots` (prefills it runs at once). Queue depth = admitted requests not yet running.
+to the worker with the fewest pending tokens (ties: the lowest index) among those not marked down
+(`set_available`), and waits there for one of the worker's `slots` (prefills it runs at once).
+A request holds its slot and tokens until its worker has really stopped working on it, cancelled
+or not. Queue depth = admitted requests not yet running.
 
 Runs on the server's event loop (asyncio); not thread-safe by design.
 """
@@ -41,6 +43,7 @@ class _Worker:
     pending_tokens: int = 0
     waiting: int = 0
     running: int = 0
+    available: bool = True  # False while the server's watch finds it down
 
 
 class Admission:
@@ -71,6 +74,13 @@ class Admission:
     def worker_pending_tokens(self) -> list[int]:
         return [w.pending_tokens for w in self._workers]
 
+    def set_available(self, worker: int, available: bool) -> None:
+        """Routes new requests around a worker that is down (until it is back)."""
+        self._workers[worker].available = available
+
+    def available(self, worker: int) -> bool:
+        return self._workers[worker].available
+
     def close(self) -> None:
         """Refuse every later admission (draining)."""
         self._closed = True
@@ -89,8 +99,15 @@ class Admission:
             )
         index = worker
         if index is None:
-            index = min(range(self._routable), key=lambda i: (self._workers[i].pending_tokens, i))
+            up = [i for i in range(self._routable) if self._workers[i].available]
+            if not up:
+                raise AdmissionError(
+                    grpc.StatusCode.UNAVAILABLE, "no worker is available (restarting); retry shortly"
+                )
+            index = min(up, key=lambda i: (self._workers[i].pending_tokens, i))
         chosen = self._workers[index]
+        if not chosen.available:
+            raise AdmissionError(grpc.StatusCode.UNAVAILABLE, "the worker is restarting; retry shortly")
         chosen.pending_tokens += tokens
         chosen.waiting += 1
         ticket = Ticket(

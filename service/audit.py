@@ -20,6 +20,7 @@ HANDLE_DIGITS_SHOWN = 12
 
 
 def handle_event(handle: str, action: str, principal: str, **details: object) -> None:
-    """Logs `action` ("created", "fetched", "renewed", "released", "expired") on `handle`."""
+    """Logs `action` ("created", "fetched", "mapped", "pushed", "renewed", "released",
+    "expired") on `handle`."""
     extra = "".join(f" {key}={value}" for key, value in details.items())
     log.info("handle=%s action=%s principal=%s%s", handle[:HANDLE_DIGITS_SHOWN], action, principal, extra)

@@ -73,6 +73,7 @@ class KVTransfer:
     values: list
     token_ids: object = None  # torch int64 [N] when asked for
     bytes_received: int = 0
+    transport: str = "grpc"  # or how it was mapped: "shared_memory", "cuda_ipc"
 
     def kv_header(self):
         from proxyprefill.workers.kv_files import KVHeader
@@ -301,6 +302,96 @@ class PrefillClient:
         for chunk in self.stub.FetchKV(request, timeout=timeout, metadata=self._metadata):
             assembler.add(chunk)
         return assembler.result()
+
+    def map_kv(
+        self, handle: str, transport: str = "", device: int | None = None, timeout: float | None = None
+    ) -> KVTransfer:
+        """The KV of `handle` mapped in place from its worker on this host (no copy over gRPC):
+        shared memory for CPU-resident KV, CUDA IPC for GPU-resident KV ("" lets the worker pick).
+        The tensors stay valid after release; the memory goes when they do. Raises KVShareError
+        on another host, grpc.RpcError for what the server refuses."""
+        import torch
+
+        from proxyprefill.workers.kv_share import TRANSPORT_ENUM, open_share, share_from_message
+
+        if transport not in TRANSPORT_ENUM:
+            raise ValueError(f"transport: expected one of {sorted(TRANSPORT_ENUM)}, got {transport!r}")
+        request = pb.MapKVRequest(handle=handle, transport=TRANSPORT_ENUM[transport])
+        mapping = self.stub.MapKV(request, timeout=timeout, metadata=self._metadata)
+        share = share_from_message(mapping)
+        keys, values = open_share(share, device)
+        token_ids = (
+            torch.frombuffer(bytearray(share.token_ids), dtype=torch.int64) if share.token_ids else None
+        )
+        return KVTransfer(
+            header=mapping.header, keys=keys, values=values, token_ids=token_ids, transport=share.transport
+        )
+
+    def get_kv(self, handle: str, transport: str = "auto", timeout: float | None = None) -> KVTransfer:
+        """The KV of `handle` by the fastest way that works from here: `auto` maps it in place
+        when the worker is on this host (MapKV) and streams it over gRPC (FetchKV) otherwise;
+        `grpc`, `shared_memory` or `cuda_ipc` force one way."""
+        from proxyprefill.workers.kv_share import KVShareError
+
+        if transport == "grpc":
+            return self.fetch_kv(handle, include_token_ids=True, timeout=timeout)
+        if transport != "auto":
+            return self.map_kv(handle, transport, timeout=timeout)
+        try:
+            return self.map_kv(handle, timeout=timeout)
+        except KVShareError:
+            pass  # another host, or a transport this process cannot open
+        except grpc.RpcError as error:
+            if error.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+                raise
+        return self.fetch_kv(handle, include_token_ids=True, timeout=timeout)
+
+    def push_kv(
+        self,
+        handle: str,
+        backend: str = "gloo",
+        host: str = "127.0.0.1",
+        device=None,
+        timeout_seconds: int = 60,
+    ) -> KVTransfer:
+        """The KV of `handle` pushed by its worker into this process over a torch.distributed
+        link (workers/kv_push.py): `gloo` over TCP, `nccl` GPU to GPU (`device`: where the
+        tensors land). `host` is this process's address as the worker can reach it."""
+        import time
+        import uuid
+
+        from proxyprefill.workers.kv_push import KVReceiver
+
+        receiver = KVReceiver(host, backend, device, timeout_seconds)
+        transfer_id = uuid.uuid4().hex
+        request = pb.PushKVRequest(
+            handle=handle,
+            rendezvous=receiver.address,
+            backend=backend,
+            transfer_id=transfer_id,
+            timeout_seconds=timeout_seconds,
+        )
+        call = self.stub.PushKV.future(request, timeout=timeout_seconds + 30, metadata=self._metadata)
+        # receive only once the worker is at the rendezvous: a refusal (bad handle, bad field)
+        # ends the call first, and then nothing is left waiting
+        deadline = time.monotonic() + timeout_seconds
+        while not receiver.sender_arrived(transfer_id):
+            if call.done():
+                call.result()  # raises the server's status
+                raise RuntimeError("PushKV answered before its worker reached the rendezvous")
+            if time.monotonic() > deadline:
+                call.cancel()
+                raise TimeoutError(f"the worker did not reach {receiver.address} in {timeout_seconds} s")
+            time.sleep(0.005)
+        keys, values = receiver.receive(transfer_id)
+        response = call.result()
+        return KVTransfer(
+            header=response.header,
+            keys=keys,
+            values=values,
+            bytes_received=response.bytes_sent,
+            transport=f"push-{backend}",
+        )
 
     def renew(self, handle: str, lease_seconds: int = 0, timeout: float | None = None) -> pb.LeaseInfo:
         return self.stub.RenewLease(

@@ -21,16 +21,18 @@ FetchKV streams it from them in layer order.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from proxyprefill.kernels.config import ProxyAttnConfig
+from proxyprefill.kernels import BACKENDS, ProxyAttnConfig
 
 ENV_PREFIX = "PROXYPREFILL_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
@@ -39,65 +41,104 @@ class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the field."""
 
 
+def option(default: Any, description: str) -> Any:
+    """A ServerConfig field with its description, which `serve --help` shows with the default and
+    the environment name (the flag, the environment and the file set the same field)."""
+    return field(default=default, metadata={"help": description})
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     # where to listen, and how
-    listen: str = "127.0.0.1:50051"
-    tls_cert: str | None = None  # PEM certificate chain; TLS is on when cert and key are set
-    tls_key: str | None = None
-    tls_client_ca: str | None = None  # when set, clients must present a certificate it signed
-    auth_tokens_file: str | None = None  # lines "principal token"; auth is on when tokens exist
-    auth_tokens: str | None = None  # "principal=token,principal=token" (environment use)
-    metrics_port: int | None = None  # Prometheus /metrics over HTTP; None = off
-    metrics_host: str = "127.0.0.1"  # where /metrics binds: loopback unless told, whatever listen says
-    metrics_require_token: bool = False  # /metrics only with a bearer token of auth_tokens(_file)
-    max_message_bytes: int = 64 * MiB  # largest request the server will receive
-    drain_seconds: float = 30.0  # grace period for in-flight requests on SIGTERM
+    listen: str = option("127.0.0.1:50051", "HOST:PORT the gRPC service listens on (port 0: any free port)")
+    tls_cert: str | None = option(None, "PEM certificate chain; TLS is on when tls_cert and tls_key are set")
+    tls_key: str | None = option(None, "PEM private key of tls_cert")
+    tls_client_ca: str | None = option(
+        None, "PEM CA certificate; when set, clients must present a certificate it signed (mutual TLS)"
+    )
+    auth_tokens_file: str | None = option(
+        None, "file of lines 'principal token'; bearer-token auth is on when any token is configured"
+    )
+    auth_tokens: str | None = option(
+        None, "tokens as 'principal=token,principal=token' (for the environment)"
+    )
+    metrics_port: int | None = option(None, "port of the Prometheus /metrics endpoint over HTTP; unset = off")
+    metrics_host: str = option(
+        "127.0.0.1", "address /metrics binds to: loopback unless told, whatever listen says"
+    )
+    metrics_require_token: bool = option(
+        False, "serve /metrics only to callers with a bearer token of auth_tokens(_file)"
+    )
+    max_message_bytes: int = option(64 * MiB, "largest gRPC message the server receives or sends, in bytes")
+    drain_seconds: float = option(30.0, "grace period for in-flight requests on SIGTERM, in seconds")
 
     # the model and its workers
-    model: str | None = None  # HF directory or .gguf; None = the embedded SmolLM2
-    attention: str = "proxy"  # default attention mode: "proxy" or "dense"
-    device: str | None = None  # None: cuda when the worker has a GPU, else cpu
-    dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
-    backend: str = "auto"
-    num_workers: int = 0  # 0 = one per GPU in the Ray cluster, or one CPU worker
-    worker_slots: int = 1  # prefills a worker runs at once
-    ray_address: str | None = None  # None = start Ray in-process
-    ray_num_cpus: int | None = None
+    model: str | None = option(
+        None, "Hugging Face model directory or .gguf file; unset = the embedded SmolLM2"
+    )
+    attention: str = option("proxy", "default attention mode of requests: proxy or dense")
+    device: str | None = option(
+        None, "torch device of the workers (cpu, cuda, cuda:N); unset = cuda when present"
+    )
+    dtype: str | None = option(None, "float32, float16 or bfloat16; unset = bfloat16 on cuda, float32 on cpu")
+    backend: str = option("auto", f"attention kernels: {', '.join(BACKENDS)} (auto = Triton on CUDA tensors)")
+    num_workers: int = option(0, "prefill workers; 0 = one per GPU in the Ray cluster, or one CPU worker")
+    worker_slots: int = option(1, "prefills one worker runs at once")
+    ray_address: str | None = option(
+        None, "Ray cluster to join (auto, or HOST:PORT); unset = start Ray in-process"
+    )
+    ray_num_cpus: int | None = option(None, "CPUs of the in-process Ray; unset = Ray's own count")
     # sharded (pipeline) prefill: one prompt over several stage workers, each holding a layer range
-    pipeline_workers: int = 0  # stage workers one sharded request may use; 0 = sharding off
-    shard_above_tokens: int = 65536  # longer prompts go to the planner (when pipeline_workers >= 2)
-    pipeline_stage_memory_bytes: int = 0  # memory a stage may use for requests; 0 = its free memory
+    pipeline_workers: int = option(
+        0,
+        "stage workers one sharded request may use (layer ranges); 0 = sharding off. "
+        "Requests force a count with pipeline_stages",
+    )
+    shard_above_tokens: int = option(
+        65536, "prompts longer than this go to the planner, which may shard them over the stage workers"
+    )
+    pipeline_stage_memory_bytes: int = option(
+        0,
+        "memory one stage may use for requests; requests that fit no split are refused with "
+        "RESOURCE_EXHAUSTED (0 = the device's free memory)",
+    )
 
     # ProxyAttn defaults and the bounds a client may choose within
-    gamma: float = 0.95
-    min_budget_tokens: int = 2048
-    stride: int = 4
-    # contexts this short run dense; None = ProxyAttnConfig's default (the H100 crossover, 8192),
-    # which keeps an 8k-context model such as SmolLM2 dense: set 0 on CPU to see sparsity
-    dense_below_tokens: int | None = None
-    min_gamma: float = 0.5
-    min_budget_tokens_floor: int = 128
-    max_alpha: float = 64.0
+    gamma: float = option(0.95, "attention mass each head's block budget must cover (ProxyAttn default)")
+    min_budget_tokens: int = option(2048, "floor on every row's block budget, in tokens")
+    stride: int = option(4, "keep every s-th query and key when estimating block scores")
+    # None keeps ProxyAttnConfig's default (the H100 crossover, 8192), which keeps an 8k-context model
+    # such as SmolLM2 dense: set 0 on CPU to see sparsity
+    dense_below_tokens: int | None = option(
+        None, "contexts this short run dense; unset = ProxyAttnConfig's default (8192)"
+    )
+    min_gamma: float = option(0.5, "smallest gamma a request may ask for")
+    min_budget_tokens_floor: int = option(128, "smallest min_budget_tokens a request may ask for")
+    max_alpha: float = option(64.0, "largest alpha a request may ask for")
 
     # request limits
-    max_prompt_tokens: int = 0  # 0 = the model's max_position_embeddings
-    max_pending_tokens: int = 1 << 20  # admitted prompt tokens not yet finished, all workers
-    default_chunk_size: int = 8192
-    min_chunk_size: int = 128
-    max_chunk_size: int = 65536
-    max_logit_positions: int = 1024
-    max_text_bytes: int = 32 * MiB
+    max_prompt_tokens: int = option(
+        0, "longest prompt accepted, in tokens; 0 = the model's max_position_embeddings"
+    )
+    max_pending_tokens: int = option(
+        1 << 20, "admitted prompt tokens not yet finished, over all workers; more is RESOURCE_EXHAUSTED"
+    )
+    default_chunk_size: int = option(8192, "prefill chunk, in tokens, of requests that do not choose one")
+    min_chunk_size: int = option(128, "smallest chunk a request may ask for")
+    max_chunk_size: int = option(65536, "largest chunk a request may ask for")
+    max_logit_positions: int = option(1024, "most logit positions one request may ask for")
+    max_text_bytes: int = option(32 * MiB, "largest text prompt, in bytes (before tokenisation)")
 
     # KV leases
-    default_lease_seconds: int = 300
-    max_lease_seconds: int = 3600
-    kv_memory_cap_bytes: int = 16 * GiB
-    max_kv_chunk_bytes: int = 4 * MiB
-    default_kv_chunk_bytes: int = 4 * MiB
+    default_lease_seconds: int = option(300, "lease of a KV handle when the request does not choose one")
+    max_lease_seconds: int = option(3600, "longest lease a request or RenewLease may ask for")
+    kv_memory_cap_bytes: int = option(
+        16 * GiB, "KV bytes the leases may hold in all; more is RESOURCE_EXHAUSTED"
+    )
+    max_kv_chunk_bytes: int = option(4 * MiB, "largest KV piece FetchKV sends (64 KiB to 64 MiB)")
+    default_kv_chunk_bytes: int = option(4 * MiB, "KV piece size when the request does not choose one")
 
-    log_level: str = "INFO"
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
+    log_level: str = option("INFO", "logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL")
 
     def proxy_config(self) -> ProxyAttnConfig:
         extra = {} if self.dense_below_tokens is None else {"dense_below_tokens": self.dense_below_tokens}
@@ -130,6 +171,10 @@ class ServerConfig:
             "needs auth_tokens or auth_tokens_file",
         )
         need(self.attention in ("proxy", "dense"), "attention", "must be 'proxy' or 'dense'")
+        need(self.backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}")
+        need(self.device is None or _is_torch_device(self.device), "device", "must be cpu, cuda or cuda:N")
+        need(self.log_level in LOG_LEVELS, "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+        need(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port", "must be a port")
         need(
             self.dtype in (None, "float32", "float16", "bfloat16"),
             "dtype",
@@ -141,9 +186,13 @@ class ServerConfig:
         need(self.shard_above_tokens >= 1, "shard_above_tokens", "must be >= 1")
         need(self.pipeline_stage_memory_bytes >= 0, "pipeline_stage_memory_bytes", "must be >= 0")
         need(self.worker_slots >= 1, "worker_slots", "must be >= 1")
+        need(self.ray_num_cpus is None or self.ray_num_cpus >= 1, "ray_num_cpus", "must be >= 1")
         need(0.0 < self.min_gamma <= 1.0, "min_gamma", "must be in (0, 1]")
         need(self.min_gamma <= self.gamma <= 1.0, "gamma", "must be in [min_gamma, 1]")
+        need(self.min_budget_tokens_floor >= 1, "min_budget_tokens_floor", "must be >= 1")
         need(self.min_budget_tokens >= self.min_budget_tokens_floor, "min_budget_tokens", "must be >= floor")
+        need(self.max_alpha > 0, "max_alpha", "must be > 0")
+        need(self.max_text_bytes >= 1, "max_text_bytes", "must be >= 1")
         need(self.max_prompt_tokens >= 0, "max_prompt_tokens", "must be >= 0")
         need(self.max_pending_tokens >= 1, "max_pending_tokens", "must be >= 1")
         need(
@@ -182,7 +231,20 @@ class ServerConfig:
         return self
 
 
-_FIELDS = {f.name: f for f in fields(ServerConfig) if f.name != "extra"}
+_FIELDS = {f.name: f for f in fields(ServerConfig)}
+_UNDESCRIBED = [name for name, spec in _FIELDS.items() if "help" not in spec.metadata]
+if _UNDESCRIBED:  # every field is a flag and an environment variable: `serve --help` describes it
+    raise TypeError(f"ServerConfig fields need option(default, description): {_UNDESCRIBED}")
+
+
+def _is_torch_device(name: str) -> bool:
+    import torch
+
+    try:
+        torch.device(name)
+    except RuntimeError:
+        return False
+    return True
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -229,7 +291,16 @@ def from_file(path: str | os.PathLike) -> dict:
 
 
 def from_environment(environ: dict[str, str] | None = None) -> dict:
+    """The PROXYPREFILL_<FIELD> variables. Other PROXYPREFILL_ variables belong to other parts
+    (PROXYPREFILL_CACHE, the client's PROXYPREFILL_TOKEN), except near-misses of a field's name,
+    which are refused as the typos they are."""
     environ = os.environ if environ is None else environ
+    names = list(_FIELDS)
+    for key in environ:
+        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() not in _FIELDS:
+            near = difflib.get_close_matches(key[len(ENV_PREFIX) :].lower(), names, n=1, cutoff=0.85)
+            if near:
+                raise ConfigError(f"{key} is not a setting; did you mean {ENV_PREFIX}{near[0].upper()}?")
     values = {}
     for name in _FIELDS:
         key = ENV_PREFIX + name.upper()
@@ -238,28 +309,24 @@ def from_environment(environ: dict[str, str] | None = None) -> dict:
     return values
 
 
-_HELP = {
-    "metrics_port": "serve Prometheus /metrics over HTTP on this port (default: off)",
-    "metrics_host": "address /metrics binds to, whatever --listen says (default 127.0.0.1; "
-    "0.0.0.0 for a scraper on another host)",
-    "metrics_require_token": "true: /metrics answers only requests with a bearer token of "
-    "--auth-tokens(-file), others get 401 (default false)",
-    "pipeline_workers": "stage workers one sharded request may use (layer ranges); 0 = sharding off "
-    "(default). Requests force a count with pipeline_stages",
-    "shard_above_tokens": "prompts longer than this go to the planner, which may shard them over "
-    "the stage workers (default 65536)",
-    "pipeline_stage_memory_bytes": "memory one stage may use for requests; requests that fit no "
-    "split are refused with RESOURCE_EXHAUSTED (default 0 = the device's free memory)",
-}
-
-
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    """Adds --config and one --flag per field (default: unset, so lower layers show through)."""
-    parser.add_argument("--config", help="TOML or JSON file with ServerConfig fields")
-    for name in _FIELDS:
+    """Adds --config and one --flag per field. The parsed default stays None (unset), so the file
+    and environment layers show through; the help names the field's own default."""
+    parser.add_argument(
+        "--config",
+        help=f"TOML or JSON file of ServerConfig fields (default: none; environment {ENV_PREFIX}CONFIG)",
+    )
+    for name, spec in _FIELDS.items():
         parser.add_argument(
-            "--" + name.replace("_", "-"), dest=name, default=None, metavar=name.upper(), help=_HELP.get(name)
+            "--" + name.replace("_", "-"), dest=name, default=None, metavar=name.upper(), help=flag_help(spec)
         )
+
+
+def flag_help(spec: Field) -> str:
+    """'<what it is> (default: D; environment PROXYPREFILL_NAME)', with argparse's % escaped."""
+    default = "unset" if spec.default is None else repr(spec.default).strip("'")
+    text = f"{spec.metadata['help']} (default: {default}; environment {ENV_PREFIX}{spec.name.upper()})"
+    return text.replace("%", "%%")
 
 
 def load(

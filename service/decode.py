@@ -58,17 +58,56 @@ def rebuild_cache(transfer, drop_last: int = 0, device: str | torch.device = "cp
     return cache
 
 
+def rebuild_paged_cache(
+    transfer,
+    drop_last: int = 0,
+    device: str | torch.device = "cpu",
+    page_size: int = 16,
+    room_tokens: int = 0,
+):
+    """A PagedDecodeCache holding the transfer's KV in blocks of `page_size` tokens, with free
+    blocks for `room_tokens` more; the blocks are placed in reverse order so that decoding
+    depends on the block table, not on the order."""
+    from .paged_kv import PagedDecodeCache, PagedKV, blocks_needed
+
+    keep = int(transfer.header.num_tokens) - drop_last
+    needed = blocks_needed(keep, page_size)
+    spare = blocks_needed(room_tokens, page_size) + 1  # the decode steps' new blocks
+    table = torch.arange(needed + spare - 1, spare - 1, -1, dtype=torch.int32)
+    pages = PagedKV.from_layers(
+        [k[:, :keep].to(device) for k in transfer.keys],
+        [v[:, :keep].to(device) for v in transfer.values],
+        block_size=page_size,
+        num_blocks=needed + spare,
+        block_table=table,
+    )
+    return PagedDecodeCache(pages)
+
+
 @torch.no_grad()
 def greedy_continue(
-    model, transfer, max_new_tokens: int, eos_token_ids: list[int] | None = None
+    model,
+    transfer,
+    max_new_tokens: int,
+    eos_token_ids: list[int] | None = None,
+    layout: str = "contiguous",
+    page_size: int = 16,
 ) -> list[int]:
-    """Greedy continuation of the prompt whose KV `transfer` holds; returns the new token ids."""
+    """Greedy continuation of the prompt whose KV `transfer` holds; returns the new token ids.
+    `layout="paged"` decodes from a paged copy of the KV (blocks of `page_size` tokens)."""
     info = getattr(model, "proxyprefill_info", None)
     if info is not None:
         check_transfer(transfer, info)
     num_tokens = int(transfer.header.num_tokens)
     device = next(model.parameters()).device
-    cache = rebuild_cache(transfer, drop_last=1, device=device)
+    if layout == "paged":
+        cache = rebuild_paged_cache(
+            transfer, drop_last=1, device=device, page_size=page_size, room_tokens=max_new_tokens
+        )
+    elif layout == "contiguous":
+        cache = rebuild_cache(transfer, drop_last=1, device=device)
+    else:
+        raise DecodeError(f"layout: expected 'contiguous' or 'paged', got {layout!r}")
     if eos_token_ids is None:
         eos = model.generation_config.eos_token_id
         eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
@@ -93,10 +132,16 @@ def greedy_continue(
 
 
 def decode_handle(
-    client, handle: str, model, tokenizer=None, max_new_tokens: int = 32
+    client,
+    handle: str,
+    model,
+    tokenizer=None,
+    max_new_tokens: int = 32,
+    layout: str = "contiguous",
+    page_size: int = 16,
 ) -> tuple[list[int], str]:
     """Fetches the KV of `handle` from the prefill service and continues greedily."""
     transfer = client.fetch_kv(handle, include_token_ids=True)
-    tokens = greedy_continue(model, transfer, max_new_tokens)
+    tokens = greedy_continue(model, transfer, max_new_tokens, layout=layout, page_size=page_size)
     text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else ""
     return tokens, text

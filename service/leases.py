@@ -202,11 +202,23 @@ class LeaseTable:
         return expired
 
     def lose(self, handle: str) -> Lease | None:
-        """Forgets a lease whose KV is gone from its worker (the worker died and restarted)."""
+        """Forgets a lease whose KV is gone from its worker (the worker died and restarted); a
+        handle already released or expired keeps that reason. Returns the lease, if it was live."""
         with self._lock:
             lease = self._leases.get(handle)
-            self._forget(handle, "lost")
+            if lease is not None:
+                self._forget(handle, "lost")
         return lease
+
+    def lose_worker(self, worker: str) -> list[Lease]:
+        """Forgets every lease whose KV was on `worker`, which lost it all (it restarted or is gone
+        for good): their bytes stop counting against the cap, and their handles answer
+        FAILED_PRECONDITION."""
+        with self._lock:
+            lost = [lease for lease in self._leases.values() if lease.worker == worker]
+            for lease in lost:
+                self._forget(lease.handle, "lost")
+        return lost
 
     def drain_all(self) -> list[Lease]:
         with self._lock:

@@ -10,59 +10,88 @@ _RATE_BUCKETS = (100, 300, 1e3, 3e3, 1e4, 3e4, 1e5, 3e5, 1e6)
 _FRACTION_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
+# prompt lengths: powers of two from 128 tokens to 2M
+_PROMPT_TOKEN_BUCKETS = tuple(float(2**power) for power in range(7, 22))
+MODEL_LABEL = "model_name"
+
+
+class _RequestCounter:
+    """The RPC counter with model_name filled in, so callers name only the method and the code."""
+
+    def __init__(self, counter: Counter, model_name: str):
+        self._counter = counter
+        self._model_name = model_name
+
+    def labels(self, method: str, code: str):
+        return self._counter.labels(method, code, self._model_name)
+
+
 class ServiceMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
+    """Every metric carries a `model_name` label (the served model's id), as serving dashboards
+    expect; the histograms follow the usual names: time to first token, prompt length."""
+
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None):
+        self.model_name = model_name
         self.registry = registry or CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "proxyprefill_requests", "RPCs by method and final status code", ["method", "code"], registry=r
+
+        def one(kind, name: str, description: str, **options):
+            return kind(name, description, [MODEL_LABEL], registry=self.registry, **options).labels(
+                model_name
+            )
+
+        def latency(name: str, description: str):
+            return one(Histogram, name, description, buckets=_LATENCY_BUCKETS)
+
+        self.requests = _RequestCounter(
+            Counter(
+                "proxyprefill_requests",
+                "RPCs by method and final status code",
+                ["method", "code", MODEL_LABEL],
+                registry=self.registry,
+            ),
+            model_name,
         )
-        self.prefill_latency = Histogram(
-            "proxyprefill_prefill_latency_seconds",
-            "Prefill RPC latency, accepted to summary",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.time_to_first_token = latency(
+            "proxyprefill_time_to_first_token_seconds",
+            "Prefill RPC accepted to its result (logits and KV) ready on the front end",
         )
-        self.queue_latency = Histogram(
-            "proxyprefill_queue_seconds",
-            "Time admitted requests wait for a worker",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.prefill_latency = latency(
+            "proxyprefill_prefill_latency_seconds", "Prefill RPC latency, accepted to summary"
         )
-        self.estimate_seconds = Histogram(
-            "proxyprefill_estimate_seconds",
-            "ProxyAttn block-score estimation time per prefill (worker side)",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.queue_latency = latency("proxyprefill_queue_seconds", "Time admitted requests wait for a worker")
+        self.estimate_seconds = latency(
+            "proxyprefill_estimate_seconds", "ProxyAttn block-score estimation time per prefill (worker side)"
         )
-        self.tokens_per_second = Histogram(
+        self.prompt_length = one(
+            Histogram,
+            "proxyprefill_request_prompt_tokens",
+            "Prompt length of finished prefills, in tokens",
+            buckets=_PROMPT_TOKEN_BUCKETS,
+        )
+        self.tokens_per_second = one(
+            Histogram,
             "proxyprefill_tokens_per_second",
             "Prompt tokens per second of worker prefill",
             buckets=_RATE_BUCKETS,
-            registry=r,
         )
-        self.prompt_tokens = Counter("proxyprefill_prompt_tokens", "Prompt tokens prefilled", registry=r)
-        self.sparsity = Histogram(
+        self.prompt_tokens = one(Counter, "proxyprefill_prompt_tokens", "Prompt tokens prefilled")
+        self.sparsity = one(
+            Histogram,
             "proxyprefill_sparsity",
             "Fraction of causal blocks skipped per prefill (mean over layers and heads)",
             buckets=_FRACTION_BUCKETS,
-            registry=r,
         )
-        self.queue_depth = Gauge(
-            "proxyprefill_queue_depth", "Admitted requests waiting for a worker", registry=r
+        self.queue_depth = one(Gauge, "proxyprefill_queue_depth", "Admitted requests waiting for a worker")
+        self.running = one(Gauge, "proxyprefill_running_requests", "Prefills running on workers")
+        self.pending_tokens = one(
+            Gauge, "proxyprefill_pending_tokens", "Prompt tokens admitted and not finished"
         )
-        self.running = Gauge("proxyprefill_running_requests", "Prefills running on workers", registry=r)
-        self.pending_tokens = Gauge(
-            "proxyprefill_pending_tokens", "Prompt tokens admitted and not finished", registry=r
-        )
-        self.kv_bytes_held = Gauge("proxyprefill_kv_bytes_held", "KV bytes held under leases", registry=r)
-        self.kv_handles = Gauge("proxyprefill_kv_handles", "Live KV handles", registry=r)
-        self.kv_bytes_sent = Counter("proxyprefill_kv_bytes_sent", "KV bytes streamed to clients", registry=r)
-        self.leases_expired = Counter(
-            "proxyprefill_leases_expired", "Leases that expired unreleased", registry=r
-        )
-        self.cancelled = Counter(
-            "proxyprefill_prefills_cancelled", "Prefills stopped by cancellation or deadline", registry=r
+        self.kv_bytes_held = one(Gauge, "proxyprefill_kv_bytes_held", "KV bytes held under leases")
+        self.kv_handles = one(Gauge, "proxyprefill_kv_handles", "Live KV handles")
+        self.kv_bytes_sent = one(Counter, "proxyprefill_kv_bytes_sent", "KV bytes streamed to clients")
+        self.leases_expired = one(Counter, "proxyprefill_leases_expired", "Leases that expired unreleased")
+        self.cancelled = one(
+            Counter, "proxyprefill_prefills_cancelled", "Prefills stopped by cancellation or deadline"
         )
 
     def exposition(self) -> bytes:

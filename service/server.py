@@ -16,8 +16,15 @@ than one stage, is admitted to that route, which the server addresses like any w
 RESOURCE_EXHAUSTED before any work; a stage lost mid-request is UNAVAILABLE.
 
 Cancellation: a client that cancels, or whose deadline passes, makes grpc.aio cancel the handler
-task; the handler then sets the request's stop flag on its worker, which stops the prefill at the
-next chunk and drops its partial KV. KV already kept for the request is released.
+task; the handler then abandons the request on its worker, which stops the prefill at the next
+layer, drops its partial KV and frees any KV it kept, and waits for that before it gives back the
+request's slot and pending tokens (so cancelled work never runs beside admitted work). A FetchKV
+whose client went away cancels its worker stream.
+
+Workers: every second each worker is pinged (`_watch_workers`). One that is down is routed around
+and health says NOT_SERVING while no worker is up; one that answers with a new incarnation
+restarted and lost its KV, so its leases are dropped (FAILED_PRECONDITION, no phantom bytes); one
+gone for good (Ray will not restart it) is replaced by a new actor.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ from grpc_reflection.v1alpha import reflection
 from proxyprefill import __version__
 from proxyprefill.protos import prefill_pb2 as pb
 from proxyprefill.protos import prefill_pb2_grpc as pb_grpc
+from proxyprefill.workers.kv_push import KVPushError, PushTarget
+from proxyprefill.workers.kv_share import KVShareError, share_to_message, transport_name
 
 from . import audit, wire
 from .admission import Admission, AdmissionError
@@ -54,6 +63,8 @@ log = logging.getLogger("proxyprefill.service")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PrefillService"].full_name
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 _SWEEP_SECONDS = 1.0
+_WATCH_SECONDS = 1.0  # how often every worker is pinged
+_CLEANUP_SECONDS = 60.0  # how long a stop waits for cancelled prefills to free their work and KV
 
 _REQUEST_ERRORS = (RequestError, LeaseError, AdmissionError, AuthError)
 # a worker's {"kind": "error", "error": ...} item -> status (anything else: INTERNAL)
@@ -168,11 +179,16 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             dedicated_workers=0 if self.pipeline_index is None else 1,
         )
         self.auth = Authenticator.from_config(config)
-        self.metrics = metrics or ServiceMetrics()
+        self.metrics = metrics or ServiceMetrics(self.model_info["model_id"])
         self.health = health.aio.HealthServicer()
         self._tokenizer = None
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
+        self._incarnations: dict[int, str] = {}  # worker -> incarnation it last answered
+        self._replacing: dict[int, asyncio.Task] = {}  # workers gone for good, being replaced
+        self._prefills: set[asyncio.Task] = set()  # handlers in _run_prefill (drain waits for them)
+        self._serving = True
         self._draining = False
         self._stopped = asyncio.Event()
         self._metrics_http: MetricsEndpoint | None = None  # /metrics when metrics_port is set
@@ -214,6 +230,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.create_task(self._sweep_expired())
+        self._watcher = asyncio.create_task(self._watch_workers())
         log.info(
             "serving %s on port %s (%d workers)",
             self.model_info["model_id"],
@@ -235,6 +252,8 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             wire.Method(
                 "GetModelInfo", pb.GetModelInfoRequest, self.GetModelInfo, pb.ModelInfo.SerializeToString
             ),
+            wire.Method("MapKV", pb.MapKVRequest, self.MapKV, pb.KVMapping.SerializeToString),
+            wire.Method("PushKV", pb.PushKVRequest, self.PushKV, pb.PushKVResponse.SerializeToString),
         ]
         return wire.generic_handler(SERVICE_NAME, methods, self._identify, self._abort)
 
@@ -251,10 +270,13 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         log.info("draining: %d running, %d queued", self.admission.running, self.admission.queue_depth)
         if self._server is not None:
             await self._server.stop(grace)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        if self._prefills:  # cancelled by the stop: let them stop their work and free their KV
+            await asyncio.wait(set(self._prefills), timeout=_CLEANUP_SECONDS)
+        for task in (self._sweeper, self._watcher, *self._replacing.values()):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for lease in self.leases.drain_all():
             with contextlib.suppress(Exception):
                 await self.pool.release(self._worker_index(lease.worker), lease.handle)
@@ -281,6 +303,61 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                 with contextlib.suppress(Exception):
                     await self.pool.release(self._worker_index(lease.worker), lease.handle)
             self._update_gauges()
+
+    async def _watch_workers(self) -> None:
+        workers = range(len(self.pool.names))
+        routable = [w for w in workers if w != self.pipeline_index]
+        while True:
+            try:
+                states = await asyncio.gather(*(self.pool.probe(worker) for worker in workers))
+                for worker, state in zip(workers, states, strict=True):
+                    self._note_worker_state(worker, state)
+                await self._set_serving(any(self.admission.available(w) for w in routable))
+            except Exception:  # the watch must outlive any one bad round
+                log.exception("watching the workers")
+            await asyncio.sleep(_WATCH_SECONDS)
+
+    def _note_worker_state(self, worker: int, state) -> None:
+        """Routing, leases and replacement after one probe of `worker` (a WorkerState)."""
+        name = self.pool.names[worker]
+        known = self._incarnations.get(worker)
+        restarted = state.alive and known is not None and state.incarnation != known
+        if state.gone or restarted:
+            lost = self.leases.lose_worker(name)
+            if lost:
+                log.warning(
+                    "%s lost its KV (%s): %d leases dropped, %d bytes",
+                    name,
+                    "gone" if state.gone else "restarted",
+                    len(lost),
+                    sum(lease.kv_bytes for lease in lost),
+                )
+                self._update_gauges()
+        if state.alive:
+            self._incarnations[worker] = state.incarnation
+        if self.admission.available(worker) != state.alive:
+            log.warning("%s is %s", name, "back" if state.alive else "down")
+            self.admission.set_available(worker, state.alive)
+        if state.gone and worker not in self._replacing and worker != self.pipeline_index:
+            self._replacing[worker] = asyncio.create_task(self._replace_worker(worker))
+
+    async def _replace_worker(self, worker: int) -> None:
+        try:
+            await asyncio.to_thread(self.pool.replace, worker)
+        except Exception:
+            log.exception("replacing %s failed; the next probe tries again", self.pool.names[worker])
+        finally:
+            self._replacing.pop(worker, None)
+
+    async def _set_serving(self, serving: bool) -> None:
+        if serving == self._serving or self._draining:
+            return
+        self._serving = serving
+        statuses = health_pb2.HealthCheckResponse
+        status = statuses.SERVING if serving else statuses.NOT_SERVING
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+        log.warning("health: %s", "SERVING" if serving else "NOT_SERVING (no worker is up)")
 
     # helpers ---------------------------------------------------------------------------------
     def _identify(self, context) -> Principal:
@@ -426,6 +503,8 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             "stages": stages,  # read by the sharded route only
         }
         worker = ticket.worker
+        handler = asyncio.current_task()
+        self._prefills.add(handler)
         try:
             async with self.admission.turn(ticket):
                 queue_seconds = time.perf_counter() - accepted_at
@@ -443,32 +522,37 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                             result = item
                 except asyncio.CancelledError:
                     self.metrics.cancelled.inc()
-                    self.pool.cancel(worker, key)
                     log.info("prefill cancelled request_id=%s", plan.request_id)
+                    await self._abandon(worker, key, keep_handle)
                     raise
                 except Exception as error:
-                    raise _ray_error(error) from None
+                    failure = _ray_error(error)
+                    if failure.code == grpc.StatusCode.UNAVAILABLE:  # lost: route around it until
+                        self.admission.set_available(worker, False)  # the watch hears from it again
+                    raise failure from None
             kept = keep_handle is not None and result is not None and result["kind"] == "result"
             if result is None or result["kind"] == "cancelled":
                 raise RequestError(grpc.StatusCode.CANCELLED, "prefill was cancelled on its worker")
             if result["kind"] == "error":
                 code = _WORKER_ERROR_CODES.get(result["error"], grpc.StatusCode.INTERNAL)
                 raise RequestError(code, result["message"])
+            self.metrics.time_to_first_token.observe(time.perf_counter() - accepted_at)
 
             for piece in self._logit_pieces(result):
                 yield pb.PrefillEvent(logits=piece)
             header = kv_header_message(result["header"], int(plan.token_ids[-1]))
             if plan.kv_return == "inline":
                 first = True
-                async for item in self._worker_kv(
-                    worker, keep_handle, self.config.default_kv_chunk_bytes, plan
-                ):
-                    chunk = kv_chunk_message(item)
-                    if first:
-                        chunk.header.CopyFrom(header)
-                        first = False
-                    self.metrics.kv_bytes_sent.inc(len(chunk.keys) + len(chunk.values))
-                    yield pb.PrefillEvent(kv_chunk=chunk)
+                async with contextlib.aclosing(
+                    self._worker_kv(worker, keep_handle, self.config.default_kv_chunk_bytes, plan)
+                ) as pieces:
+                    async for item in pieces:
+                        chunk = kv_chunk_message(item)
+                        if first:
+                            chunk.header.CopyFrom(header)
+                            first = False
+                        self.metrics.kv_bytes_sent.inc(len(chunk.keys) + len(chunk.values))
+                        yield pb.PrefillEvent(kv_chunk=chunk)
             elif plan.kv_return == "handle":
                 lease = self.leases.commit(
                     reservation,
@@ -504,6 +588,15 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             if kept:  # cancelled or failed after the worker kept KV: nobody owns it
                 with contextlib.suppress(Exception):
                     await self.pool.release(worker, keep_handle)
+            self._prefills.discard(handler)
+
+    async def _abandon(self, worker: int, key: str, keep_handle: str | None) -> None:
+        """Stops prefill `key` on its worker and waits until it has ended (the caller still holds
+        its slot and tokens), freeing any KV it kept; a lost worker has nothing left to stop."""
+        try:
+            await self.pool.abandon(worker, key, keep_handle)
+        except Exception as error:
+            log.warning("abandoning prefill %s on %s: %s", key, self.pool.names[worker], error)
 
     def _logit_pieces(self, result: dict):
         logits = result["logits"]
@@ -536,6 +629,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         m.estimate_seconds.observe(result["estimate_seconds"])
         m.tokens_per_second.observe(rate)
         m.prompt_tokens.inc(result["num_tokens"])
+        m.prompt_length.observe(result["num_tokens"])
         m.sparsity.observe(mean_sparsity)
         log.info(
             "prefill done request_id=%s tokens=%d sparsity=%.3f prefill_s=%.3f total_s=%.3f",
@@ -573,8 +667,10 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             )
         else:
             args = (0, None, plan.include_token_ids)
+        stream = self.pool.fetch(worker, handle, max_chunk_bytes, *args)
+        finished = False
         try:
-            async for ref in self.pool.fetch(worker, handle, max_chunk_bytes, *args):
+            async for ref in stream:
                 item = await ref
                 if item["kind"] == "missing":
                     raise _WorkerGone()
@@ -583,9 +679,12 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                     self._update_gauges()
                     raise RequestError(grpc.StatusCode.UNAVAILABLE, item["message"])
                 yield item
+            finished = True
         except _WorkerGone:
             self.leases.lose(handle)
             self._update_gauges()
+            if request is not None:  # released or expired while this fetch started: say which
+                self.leases.get(handle, "")
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "the KV is no longer on its worker (restarted); prefill again",
@@ -596,6 +695,9 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             raise
         except Exception as error:
             raise _ray_error(error) from None
+        finally:
+            if not finished:  # the reader went away or failed: stop the worker's stream
+                self.pool.cancel_stream(stream)
 
     # KV handles ------------------------------------------------------------------------------
     async def FetchKV(self, request, context):
@@ -622,16 +724,99 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         header = kv_header_message(lease.header, lease.last_token_id)
         worker = self._worker_index(lease.worker)
         try:
-            async for item in self._worker_kv(worker, lease.handle, max_chunk, request=request):
-                yield encode_kv_chunk(item, header)
-                header = None
-                if item["kind"] == "kv":
-                    self.metrics.kv_bytes_sent.inc(item["keys"].nbytes + item["values"].nbytes)
+            async with contextlib.aclosing(
+                self._worker_kv(worker, lease.handle, max_chunk, request=request)
+            ) as pieces:
+                async for item in pieces:
+                    yield encode_kv_chunk(item, header)
+                    header = None
+                    if item["kind"] == "kv":
+                        self.metrics.kv_bytes_sent.inc(item["keys"].nbytes + item["values"].nbytes)
         except _REQUEST_ERRORS as error:
             await self._abort(context, "FetchKV", error.code, error.message)
             return
         self.metrics.requests.labels("FetchKV", "OK").inc()
         audit.handle_event(lease.handle, "fetched", principal.name, layers=f"{start}-{end}")
+
+    async def MapKV(self, request, context):
+        """Same-host handoff (workers/kv_share.py): the worker shares the KV memory once per
+        transport; the lease keeps it, ReleaseKV or expiry unlinks it."""
+        try:
+            principal = self._identify(context)
+            lease = self.leases.get(request.handle, principal.name)
+            try:
+                transport = transport_name(request.transport)
+            except KVShareError as error:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+            if lease.worker == "pipeline":
+                raise RequestError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "handle: a sharded prefill's KV lives on several stages; use FetchKV",
+                )
+            share = await self._on_worker(lease, self.pool.share, transport, expected=KVShareError)
+        except KVShareError as error:
+            await self._abort(context, "MapKV", grpc.StatusCode.FAILED_PRECONDITION, str(error))
+            return None
+        except _REQUEST_ERRORS as error:
+            await self._abort(context, "MapKV", error.code, error.message)
+            return None
+        self.metrics.requests.labels("MapKV", "OK").inc()
+        audit.handle_event(lease.handle, "mapped", principal.name, transport=share.transport)
+        return share_to_message(share, kv_header_message(lease.header, lease.last_token_id))
+
+    async def PushKV(self, request, context):
+        """KV pushed to a receiver over gloo or NCCL (workers/kv_push.py); gRPC only controls."""
+        try:
+            principal = self._identify(context)
+            lease = self.leases.get(request.handle, principal.name)
+            try:
+                target = PushTarget.parse(
+                    request.rendezvous, request.backend, request.transfer_id, request.timeout_seconds or 60
+                )
+            except KVPushError as error:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+            if lease.worker == "pipeline":
+                raise RequestError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "handle: a sharded prefill's KV lives on several stages; use FetchKV",
+                )
+            started = time.perf_counter()
+            sent = await self._on_worker(lease, self.pool.push, target, expected=KVPushError)
+        except KVPushError as error:
+            await self._abort(context, "PushKV", grpc.StatusCode.UNAVAILABLE, str(error))
+            return None
+        except _REQUEST_ERRORS as error:
+            await self._abort(context, "PushKV", error.code, error.message)
+            return None
+        self.metrics.kv_bytes_sent.inc(sent)
+        self.metrics.requests.labels("PushKV", "OK").inc()
+        audit.handle_event(lease.handle, "pushed", principal.name, backend=target.backend, bytes=sent)
+        return pb.PushKVResponse(
+            header=kv_header_message(lease.header, lease.last_token_id),
+            bytes_sent=sent,
+            seconds=time.perf_counter() - started,
+        )
+
+    async def _on_worker(self, lease: Lease, method, *args, expected: type[Exception]):
+        """`method(worker, handle, *args)` on the lease's worker; its `expected` error passes
+        through, a missing handle loses the lease (FAILED_PRECONDITION)."""
+        try:
+            answer = await method(self._worker_index(lease.worker), lease.handle, *args)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            cause = getattr(error, "cause", None)
+            if isinstance(cause, expected):
+                raise cause from None
+            raise _ray_error(error) from None
+        if answer is None:
+            self.leases.lose(lease.handle)
+            self._update_gauges()
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "the KV is no longer on its worker (restarted); prefill again",
+            )
+        return answer
 
     async def RenewLease(self, request, context):
         try:
@@ -658,8 +843,12 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         with contextlib.suppress(Exception):
             freed = await self.pool.release(self._worker_index(lease.worker), lease.handle)
         self._update_gauges()
+        if not freed:  # its worker restarted or died before the watch noticed: the KV was lost
+            message = "the KV of this handle was lost with its worker (restarted); nothing was released"
+            await self._abort(context, "ReleaseKV", grpc.StatusCode.FAILED_PRECONDITION, message)
+            return None
         self.metrics.requests.labels("ReleaseKV", "OK").inc()
-        return pb.ReleaseKVResponse(released_bytes=freed or lease.kv_bytes)
+        return pb.ReleaseKVResponse(released_bytes=freed)  # what the worker freed, not the record
 
     async def GetModelInfo(self, request, context):
         try:

@@ -198,14 +198,15 @@ def test_progress_and_cancellation(llama_pair, prompt):
     calls = []
     engine.prefill(prompt, chunk_size=64, progress=lambda done, total: calls.append((done, total)))
     assert calls == [(64, 200), (128, 200), (192, 200), (200, 200)]
-    checks = []
-
-    def stop_after_two():
-        checks.append(1)
-        return len(checks) > 2
+    done = []  # should_stop is also asked before every layer; this one answers after two chunks
 
     with pytest.raises(PrefillCancelled, match="after 128 of 200"):
-        engine.prefill(prompt, chunk_size=64, should_stop=stop_after_two)
+        engine.prefill(
+            prompt,
+            chunk_size=64,
+            progress=lambda tokens, total: done.append(tokens),
+            should_stop=lambda: bool(done) and done[-1] >= 128,
+        )
 
 
 # --------------------------------------------------------------------------------------------

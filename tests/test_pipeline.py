@@ -12,20 +12,17 @@ from _support import save_tiny_llama  # noqa: E402
 
 from proxyprefill.kernels.config import ProxyAttnConfig  # noqa: E402
 from proxyprefill.workers.engine import PrefillEngine, PrefillError  # noqa: E402
-from proxyprefill.workers.pipeline import (  # noqa: E402
-    ChunkRecord,
-    PipelineStage,
-    PipelineTimeline,
-    ShardedPrefill,
-    StageSpec,
-    balanced_layer_ranges,
-)
+from proxyprefill.workers.pipeline import ShardedPrefill  # noqa: E402
+from proxyprefill.workers.pipeline_stage import PipelineStage  # noqa: E402
+from proxyprefill.workers.pipeline_timeline import ChunkRecord, PipelineTimeline  # noqa: E402
 from proxyprefill.workers.planner import (  # noqa: E402
     InsufficientResources,
     ModelShape,
     WorkerState,
+    balanced_layer_ranges,
     plan_prefill,
 )
+from proxyprefill.workers.stage_model import StageSpec  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

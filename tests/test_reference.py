@@ -1,8 +1,8 @@
 """The PyTorch reference against brute-force definitions written here, independently.
 
 Each brute-force helper below materialises the full attention matrix in float64 with plain
-loops, straight from DESIGN.md §2, so that a mistake in the vectorised reference cannot hide
-behind the same mistake in its check.
+loops, straight from the algorithm's steps (ARCHITECTURE.md), so that a mistake in the vectorised
+reference cannot hide behind the same mistake in its check.
 """
 
 from __future__ import annotations

@@ -359,9 +359,14 @@ def test_metrics_exposition(service, client):
         "proxyprefill_pending_tokens",
         "proxyprefill_sparsity_bucket",
         "proxyprefill_kv_bytes_held",
-        'proxyprefill_requests_total{code="OK",method="Prefill"}',
+        'proxyprefill_requests_total{code="OK",method="Prefill",model_name=',
+        "proxyprefill_time_to_first_token_seconds_count",
+        "proxyprefill_request_prompt_tokens_bucket",
     ):
         assert name in text, name
+    model = service.server.model_info["model_id"]
+    samples = [line for line in text.splitlines() if line.startswith("proxyprefill_")]
+    assert samples and all(f'model_name="{model}"' in line for line in samples)
     prompt_tokens = [
         line for line in text.splitlines() if line.startswith("proxyprefill_prompt_tokens_total")
     ]
@@ -381,7 +386,11 @@ def test_metrics_over_http(pool):
     ):
         client.prefill(token_ids=[4, 5, 6], kv="none")
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    assert "proxyprefill_prompt_tokens_total 3.0" in text
+    assert 'proxyprefill_prompt_tokens_total{model_name="' in text
+    assert any(
+        line.startswith("proxyprefill_prompt_tokens_total{") and line.endswith(" 3.0")
+        for line in text.splitlines()
+    )
 
 
 def test_graceful_drain_finishes_in_flight_work(pool):

@@ -20,7 +20,13 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-tb = pytest.importorskip("proxyprefill.kernels.triton_backend")
+pytest.importorskip("triton")
+from proxyprefill.kernels import triton_attention as tattn  # noqa: E402
+from proxyprefill.kernels import triton_budgets as tbudgets  # noqa: E402
+from proxyprefill.kernels import triton_common  # noqa: E402
+from proxyprefill.kernels import triton_index as tindex  # noqa: E402
+from proxyprefill.kernels import triton_scores as tscores  # noqa: E402
+
 DEVICE = "cuda"
 
 
@@ -43,7 +49,7 @@ def random_index(b, hq, g, nq, nk, bs, q_offset, density, seed):
     scores = scores.masked_fill(torch.arange(nkb, device=DEVICE)[None, :] >= causal[:, None], float("-inf"))
     jitter = torch.rand(b, hq, mq, generator=gen, device=DEVICE) * 0.5 + 0.75
     budgets = torch.minimum((density * causal * jitter).long(), causal)
-    return tb.build_block_mask(scores, budgets, cfg, q_offset)
+    return tindex.build_block_mask(scores, budgets, cfg, q_offset)
 
 
 def rel_err(x, y):
@@ -67,7 +73,7 @@ def test_sparse_attention_against_float32_reference(b, hq, hkv, g, nq, q_offset,
     index = random_index(b, hq, g, nq, q_offset + nq, 128, q_offset, density, seed=b * 7 + g)
     out = torch.full_like(q, float("nan"))
     lse = torch.full((b, hq, nq), float("nan"), device=DEVICE)
-    tb.block_sparse_attention(q, k, v, index, q_offset, out=out, lse=lse, tma=tma)
+    tattn.block_sparse_attention(q, k, v, index, q_offset, out=out, lse=lse, tma=tma)
     ref_out, ref_lse = ref.block_sparse_attention(q.float(), k.float(), v.float(), index, q_offset)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()  # every element written
     assert rel_err(out, ref_out) <= 1e-2
@@ -82,7 +88,7 @@ def test_gqa_packed_variant_against_float32_reference(tiles):
     assert (index.block_counts != index.block_counts[:, :1]).any()
     out = torch.full_like(q, float("nan"))
     lse = torch.full((1, 32, 8192 + 40), float("nan"), device=DEVICE)
-    tb.block_sparse_attention(q, k, v, index, out=out, lse=lse, tiles=tiles, gqa_packed=True)
+    tattn.block_sparse_attention(q, k, v, index, out=out, lse=lse, tiles=tiles, gqa_packed=True)
     ref_out, ref_lse = ref.block_sparse_attention(q.float(), k.float(), v.float(), index)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert rel_err(out, ref_out) <= 1e-2
@@ -100,13 +106,13 @@ def test_tma_path_on_a_kv_cache_slice_with_a_poisoned_tail():
     v_cache = torch.full_like(k_cache, float("nan"))
     k_cache[:, :, :nk], v_cache[:, :, :nk] = k, v
     k_view, v_view = k_cache[:, :, :nk], v_cache[:, :, :nk]
-    assert tb._use_tma(q, k_view, v_view, 128)
+    assert tattn._use_tma(q, k_view, v_view, 128)
     index = random_index(b, hq, 2, nq, nk, 128, q_offset, 0.5, seed=8)
     out = torch.full_like(q, float("nan"))
     lse = torch.full((b, hq, nq), float("nan"), device=DEVICE)
-    tb.KERNEL_RESOURCES.pop("attention_tma", None)
-    tb.block_sparse_attention(q, k_view, v_view, index, q_offset, out=out, lse=lse)
-    assert "attention_tma" in tb.KERNEL_RESOURCES  # recorded by this launch
+    triton_common.KERNEL_RESOURCES.pop("attention_tma", None)
+    tattn.block_sparse_attention(q, k_view, v_view, index, q_offset, out=out, lse=lse)
+    assert "attention_tma" in triton_common.KERNEL_RESOURCES  # recorded by this launch
     ref_out, ref_lse = ref.block_sparse_attention(q.float(), k.float(), v.float(), index, q_offset)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert rel_err(out, ref_out) <= 1e-2
@@ -116,7 +122,7 @@ def test_tma_path_on_a_kv_cache_slice_with_a_poisoned_tail():
 def test_dense_index_matches_sdpa():
     q, k, v = make_qkv(1, 32, 8, 4096, 128, 0, torch.bfloat16, seed=1)
     index = BlockSparseIndex.dense(1, 32, 1, 4096, 4096, 128, device=DEVICE)
-    out, _ = tb.block_sparse_attention(q, k, v, index)
+    out, _ = tattn.block_sparse_attention(q, k, v, index)
     want = torch.nn.functional.scaled_dot_product_attention(
         q.float(), k.float().repeat_interleave(4, 1), v.float().repeat_interleave(4, 1), is_causal=True
     )
@@ -127,17 +133,17 @@ def test_dense_index_matches_sdpa():
 def test_estimation_against_reference(q_offset, nq, g):
     q, k, _ = make_qkv(1, 32, 8, nq, 128, q_offset, torch.bfloat16, seed=q_offset + nq)
     cfg = ProxyAttnConfig(dense_below_tokens=0, proxy_groups=g, gamma=0.9, min_budget_tokens=0)
-    scores = tb.estimate_block_scores(q, k, cfg, q_offset)
+    scores = tscores.estimate_block_scores(q, k, cfg, q_offset)
     want = ref.estimate_block_scores(q, k, cfg, q_offset)
     finite = torch.isfinite(want)
     assert torch.equal(finite, torch.isfinite(scores))
     # the proxy heads feed the tensor cores in bf16: scores agree to bf16 rounding of the logits
     assert rel_err(scores[finite], want[finite]) <= 2e-2
-    budgets = tb.head_budgets(q, k, cfg, q_offset)
+    budgets = tbudgets.head_budgets(q, k, cfg, q_offset)
     want_budgets = ref.head_budgets(q, k, cfg, q_offset)
     # a block share near the gamma boundary may round either way: allow one block per head
     assert (budgets - want_budgets).abs().max().item() <= 1
-    index = tb.build_block_mask(want, want_budgets, cfg, q_offset)
+    index = tindex.build_block_mask(want, want_budgets, cfg, q_offset)
     want_index = ref.build_block_mask(want, want_budgets, cfg, q_offset)
     assert torch.equal(index.block_order, want_index.block_order)
     assert torch.equal(index.block_counts, want_index.block_counts)

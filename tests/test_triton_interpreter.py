@@ -14,11 +14,11 @@ backends the same scores, so there the results must agree exactly.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import math
 import os
 import sys
-from pathlib import Path
+import types
 
 import pytest
 import torch
@@ -28,27 +28,53 @@ pytest.importorskip("triton")
 from proxyprefill import kernels  # noqa: E402
 from proxyprefill.kernels import BlockSparseIndex, ProxyAttnConfig  # noqa: E402
 from proxyprefill.kernels import reference as ref  # noqa: E402
+from proxyprefill.kernels.meanpool import estimate_block_scores_meanpool  # noqa: E402
 
 BACKEND_NAME = "proxyprefill.kernels.triton_backend"
+# The Triton modules, those that others import first (each binds the jit functions it imports).
+TRITON_MODULES = [
+    "proxyprefill.kernels.triton_common",
+    "proxyprefill.kernels.triton_scores",
+    "proxyprefill.kernels.triton_budgets",
+    "proxyprefill.kernels.triton_index",
+    "proxyprefill.kernels.triton_attention",
+    BACKEND_NAME,
+]
 
 
-def _load_interpreted_backend():
-    path = Path(kernels.__file__).with_name("triton_backend.py")
+def _load_interpreted_modules() -> dict[str, object]:
+    """Import the Triton modules afresh with TRITON_INTERPRET=1, then put the compiled ones (if
+    any were loaded) back in sys.modules and on the package: only this file sees the fresh set."""
+    saved_modules = {name: sys.modules.pop(name) for name in TRITON_MODULES if name in sys.modules}
+    saved_attrs = {
+        name.rsplit(".", 1)[1]: getattr(kernels, name.rsplit(".", 1)[1], None) for name in TRITON_MODULES
+    }
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        spec = importlib.util.spec_from_file_location("proxyprefill.kernels._triton_interpreted", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        fresh = {name.rsplit(".", 1)[1]: importlib.import_module(name) for name in TRITON_MODULES}
     finally:
         if previous is None:
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = previous
-    return module
+        for name in TRITON_MODULES:
+            sys.modules.pop(name, None)
+            attr = name.rsplit(".", 1)[1]
+            if saved_attrs[attr] is None and hasattr(kernels, attr):
+                delattr(kernels, attr)
+            elif saved_attrs[attr] is not None:
+                setattr(kernels, attr, saved_attrs[attr])
+        sys.modules.update(saved_modules)
+    return fresh
 
 
-tb = _load_interpreted_backend()
+interpreted = _load_interpreted_modules()
+tb = interpreted["triton_backend"]
+tattn = interpreted["triton_attention"]
+tscores = interpreted["triton_scores"]
+tbudgets = interpreted["triton_budgets"]
+tindex = interpreted["triton_index"]
 
 
 def make_qkv(b, hq, hkv, nq, d, q_offset=0, seed=0, dtype=torch.float32):
@@ -97,7 +123,7 @@ def test_sparse_attention_matches_reference(b, hq, hkv, g, nq, q_offset, d, bs, 
     # sink and diagonal blocks forced, plus random top-k picks: every row keeps its diagonal
     index = random_index(b, hq, g, nq, q_offset + nq, bs, q_offset, seed=bs)
     assert index.density() < 1.0
-    out, lse = tb.block_sparse_attention(q, k, v, index, q_offset, tma=tma)
+    out, lse = tattn.block_sparse_attention(q, k, v, index, q_offset, tma=tma)
     ref_out, ref_lse = ref.block_sparse_attention(q.float(), k.float(), v.float(), index, q_offset)
     assert out.dtype == dtype and out.shape == q.shape
     assert lse.dtype == torch.float32 and lse.shape == (b, hq, nq)
@@ -112,7 +138,7 @@ def test_dense_index_equals_plain_causal_attention(q_offset, nq):
     b, hq, hkv, d, bs = 1, 4, 2, 32, 16
     q, k, v = make_qkv(b, hq, hkv, nq, d, q_offset, seed=7)
     index = BlockSparseIndex.dense(b, hq, 1, nq, q_offset + nq, bs, q_offset)
-    out, lse = tb.block_sparse_attention(q, k, v, index, q_offset, scale=0.3)
+    out, lse = tattn.block_sparse_attention(q, k, v, index, q_offset, scale=0.3)
     kr, vr = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
     logits = q @ kr.transpose(-1, -2) * 0.3
     causal = torch.arange(q_offset + nq)[None, :] <= (q_offset + torch.arange(nq))[:, None]
@@ -135,11 +161,11 @@ def test_sparse_attention_reads_non_contiguous_inputs(b):
     index = random_index(b, hq, 1, nq, nq, bs, 0, seed=5, cfg=cfg)
     ref_out, ref_lse = ref.block_sparse_attention(q, k, v, index)
     for tma in [False, True] if b == 1 else [False]:
-        out, lse = tb.block_sparse_attention(q, k, v, index, tma=tma)
+        out, lse = tattn.block_sparse_attention(q, k, v, index, tma=tma)
         assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5)
     if b > 1:
         with pytest.raises(ValueError, match="tma=True"):
-            tb.block_sparse_attention(q, k, v, index, tma=True)
+            tattn.block_sparse_attention(q, k, v, index, tma=True)
 
 
 def test_tma_reads_a_kv_cache_slice_and_zero_fills_past_its_end():
@@ -153,7 +179,9 @@ def test_tma_reads_a_kv_cache_slice_and_zero_fills_past_its_end():
     v_cache = torch.full((b, hkv, capacity, d), float("nan"))
     k_cache[:, :, :nk], v_cache[:, :, :nk] = k, v
     index = random_index(b, hq, 2, nq, nk, bs, q_offset, seed=4)
-    out, lse = tb.block_sparse_attention(q, k_cache[:, :, :nk], v_cache[:, :, :nk], index, q_offset, tma=True)
+    out, lse = tattn.block_sparse_attention(
+        q, k_cache[:, :, :nk], v_cache[:, :, :nk], index, q_offset, tma=True
+    )
     ref_out, ref_lse = ref.block_sparse_attention(q, k, v, index, q_offset)
     assert torch.isfinite(out).all()
     assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5)
@@ -161,7 +189,7 @@ def test_tma_reads_a_kv_cache_slice_and_zero_fills_past_its_end():
 
 def test_auto_tma_stays_off_without_a_gpu():
     q, k, v = make_qkv(1, 2, 1, 32, 128, 0, seed=2, dtype=torch.float16)
-    assert not tb._use_tma(q, k, v, 128)
+    assert not tattn._use_tma(q, k, v, 128)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,7 +208,7 @@ SCORE_CASES = [
 def test_block_scores_match_reference(b, hq, hkv, g, nq, q_offset, d, bs, stride):
     q, k, _ = make_qkv(b, hq, hkv, nq, d, q_offset, seed=11)
     cfg = ProxyAttnConfig(dense_below_tokens=0, block_size=bs, stride=stride, proxy_groups=g)
-    got = tb.estimate_block_scores(q, k, cfg, q_offset)
+    got = tscores.estimate_block_scores(q, k, cfg, q_offset)
     want = ref.estimate_block_scores(q, k, cfg, q_offset)
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert torch.equal(torch.isinf(got), torch.isinf(want))
@@ -191,7 +219,7 @@ def test_block_scores_match_reference(b, hq, hkv, g, nq, q_offset, d, bs, stride
 def test_block_scores_float16_close_to_reference():
     q, k, _ = make_qkv(1, 4, 2, 96, 32, 32, seed=2, dtype=torch.float16)
     cfg = ProxyAttnConfig(dense_below_tokens=0, block_size=32, stride=4)
-    got = tb.estimate_block_scores(q, k, cfg, 32)
+    got = tscores.estimate_block_scores(q, k, cfg, 32)
     want = ref.estimate_block_scores(q, k, cfg, 32)
     finite = torch.isfinite(want)
     assert torch.equal(finite, torch.isfinite(got))
@@ -216,7 +244,7 @@ def test_head_budgets_match_reference(budget, row_rule, gamma, q_offset, nq):
         min_budget_tokens=16,
         alpha=0.5,
     )
-    got = tb.head_budgets(q, k, cfg, q_offset)
+    got = tbudgets.head_budgets(q, k, cfg, q_offset)
     want = ref.head_budgets(q, k, cfg, q_offset)
     assert got.dtype == torch.int64 and torch.equal(got, want)
 
@@ -227,9 +255,11 @@ def test_last_block_budgets_span_a_range_and_match():
     q = q * torch.tensor([0.1, 1.0, 3.0, 6.0])[None, :, None, None]  # flat ... peaked heads
     for gamma in (0.5, 0.8, 0.95, 1.0):
         cfg = ProxyAttnConfig(dense_below_tokens=0, block_size=16, gamma=gamma)
-        got = tb.last_block_budgets(q, k, cfg)
+        got = tbudgets.last_block_budgets(q, k, cfg)
         assert torch.equal(got, ref.last_block_budgets(q, k, cfg))
-    spread = tb.last_block_budgets(q, k, ProxyAttnConfig(dense_below_tokens=0, block_size=16, gamma=0.8))
+    spread = tbudgets.last_block_budgets(
+        q, k, ProxyAttnConfig(dense_below_tokens=0, block_size=16, gamma=0.8)
+    )
     assert len(set(spread.flatten().tolist())) > 1
 
 
@@ -258,7 +288,7 @@ def test_build_block_mask_matches_reference_with_ties(seed):
     scores = torch.randint(0, 4, (b, g, mq, nkb), generator=gen).float() / 4
     scores = scores.masked_fill(torch.arange(nkb)[None, :] >= causal[:, None], float("-inf"))
     budgets = torch.minimum(torch.randint(0, nkb + 1, (b, hq, mq), generator=gen), causal)
-    got = tb.build_block_mask(scores, budgets, cfg, q_offset)
+    got = tindex.build_block_mask(scores, budgets, cfg, q_offset)
     want = ref.build_block_mask(scores, budgets, cfg, q_offset)
     assert torch.equal(got.block_order, want.block_order)
     assert torch.equal(got.block_counts, want.block_counts)
@@ -297,16 +327,40 @@ def test_proxy_attention_triton_matches_torch_backend(interpreted_dispatch, dtyp
 def test_auto_backend_on_cpu_uses_the_reference(monkeypatch):
     """Without CUDA tensors, 'auto' never reaches Triton (even when the interpreter is on)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    steps = ("estimate_block_scores", "head_budgets", "build_block_mask", "block_sparse_attention")
 
-    class Trap:
-        def __getattr__(self, name):
-            raise AssertionError(f"the Triton backend was called ({name})")
+    class TrappedTriton(tb.TritonBackend):
+        def __getattribute__(self, name):
+            if name in steps or name == "dense_attention":
+                raise AssertionError(f"the Triton backend was called ({name})")
+            return super().__getattribute__(name)
 
-    monkeypatch.setitem(sys.modules, BACKEND_NAME, Trap())
+    monkeypatch.setitem(sys.modules, BACKEND_NAME, types.SimpleNamespace(TritonBackend=TrappedTriton))
     q, k, v = make_qkv(1, 2, 1, 40, 16, 0, seed=1)
     cfg = ProxyAttnConfig(dense_below_tokens=0, block_size=16, min_budget_tokens=16)
     out = kernels.proxy_attention(q, k, v, cfg, backend="auto")
     assert torch.allclose(out, kernels.proxy_attention(q, k, v, cfg, backend="torch"))
+    with pytest.raises(AssertionError, match="Triton backend was called"):
+        kernels.proxy_attention(q, k, v, cfg, backend="triton")  # the trap is live
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_meanpool_estimator_under_the_triton_backend(monkeypatch, dtype):
+    """The mean-pool estimator plugs into the Triton backend as into the reference: its scores,
+    then the Triton budgets, index and attention."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the backend accept CPU tensors
+    q, k, v = make_qkv(1, 4, 2, 80, 32, 48, seed=17, dtype=dtype)
+    cfg = ProxyAttnConfig(
+        dense_below_tokens=0, block_size=16, min_budget_tokens=16, gamma=0.8, estimator="meanpool"
+    )
+    chunk = kernels.attention_chunk(q, k, v, cfg, q_offset=48, backend=tb.TritonBackend())
+    scores = estimate_block_scores_meanpool(q, k, cfg, 48)
+    want_index = tindex.build_block_mask(scores, tbudgets.head_budgets(q, k, cfg, 48), cfg, 48)
+    assert torch.equal(chunk.index.block_order, want_index.block_order)
+    assert torch.equal(chunk.index.block_counts, want_index.block_counts)
+    assert chunk.index.density() < 1.0
+    want_out, _ = tattn.block_sparse_attention(q, k, v, want_index, 48)
+    assert torch.equal(chunk.out, want_out)
 
 
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
@@ -319,7 +373,7 @@ def test_index_without_the_diagonal_block(tma):
     # head 0 drops its diagonal block, head 1 keeps only the first block of each row
     index.block_counts[:, 0] -= 1
     index.block_counts[:, 1] = 1
-    out, lse = tb.block_sparse_attention(q, k, v, index, q_offset, tma=tma)
+    out, lse = tattn.block_sparse_attention(q, k, v, index, q_offset, tma=tma)
     ref_out, ref_lse = ref.block_sparse_attention(q, k, v, index, q_offset)
     assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5)
 
@@ -338,7 +392,7 @@ def test_gqa_packed_attention_matches_reference(b, hq, hkv, g, nq, q_offset, d, 
     q, k, v = make_qkv(b, hq, hkv, nq, d, q_offset, seed=21, dtype=dtype)
     index = random_index(b, hq, g, nq, q_offset + nq, bs, q_offset, seed=4)
     assert (index.block_counts != index.block_counts[:, :1]).any()  # heads differ
-    out, lse = tb.block_sparse_attention(q, k, v, index, q_offset, tiles=tiles, gqa_packed=True)
+    out, lse = tattn.block_sparse_attention(q, k, v, index, q_offset, tiles=tiles, gqa_packed=True)
     ref_out, ref_lse = ref.block_sparse_attention(q.float(), k.float(), v.float(), index, q_offset)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert rel_err(out, ref_out) < (1e-5 if dtype == torch.float32 else 2e-3)

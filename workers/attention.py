@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from proxyprefill.kernels import api
 from proxyprefill.kernels.api import ProxyAttnStats
+from proxyprefill.kernels.chunk import attention_chunk
 from proxyprefill.kernels.config import ProxyAttnConfig
 from proxyprefill.kernels.dense import dense_causal_attention, dense_path_used  # noqa: F401 (re-exported)
 from proxyprefill.kernels.index import causal_blocks_per_row
@@ -120,30 +120,47 @@ def fixed_density_budgets(
     return torch.minimum(budget, causal).expand(1, num_heads, mq).contiguous()
 
 
+def _fixed_density_override(density: float):
+    """A budget override for attention_chunk keeping `density` of every row (benchmarks only);
+    the measured budgets are still computed, so estimation is timed in full."""
+
+    def override(budgets: torch.Tensor, q_offset: int, config: ProxyAttnConfig) -> torch.Tensor:
+        b, hq, mq = budgets.shape
+        fixed = fixed_density_budgets(hq, mq * config.block_size, q_offset, density, config, budgets.device)
+        return fixed.expand(b, -1, -1)
+
+    return override
+
+
 def _proxy_chunk(ctx: PrefillContext, layer_idx, q, k, v, q_offset, scale):
-    config = ctx.config
-    nq, nk = q.shape[2], k.shape[2]
-    if nk <= config.dense_below_tokens:
-        start = ctx._mark()
-        out = dense_causal_attention(q, k, v, q_offset, scale)
-        ctx._record(start, start, ctx._mark())
-        return out, None
     start = ctx._mark()
-    scores = api.estimate_block_scores(q, k, config, q_offset, scale, ctx.backend)
-    budgets = api.head_budgets(q, k, config, q_offset, scale, ctx.backend)
-    if ctx.fixed_density is not None:
-        # benchmarks only: the measured budgets are still computed so estimation is timed in full
-        budgets = fixed_density_budgets(q.shape[1], nq, q_offset, ctx.fixed_density, config, q.device)
-        budgets = budgets.expand(q.shape[0], -1, -1)
-    index = api.build_block_mask(scores, budgets, config, q_offset, ctx.backend)
-    estimated = ctx._mark()
-    out, _ = api.block_sparse_attention(q, k, v, index, q_offset, scale, ctx.backend)
+    estimated = start  # a dense chunk has no estimation
+
+    def mark_estimated() -> None:
+        nonlocal estimated
+        estimated = ctx._mark()
+
+    override = None if ctx.fixed_density is None else _fixed_density_override(ctx.fixed_density)
+    chunk = attention_chunk(
+        q,
+        k,
+        v,
+        ctx.config,
+        q_offset,
+        scale,
+        ctx.backend,
+        on_estimated=mark_estimated,
+        budget_override=override,
+    )
     ctx._record(start, estimated, ctx._mark())
+    if chunk.index is None:
+        return chunk.out, None
     # causal sparsity of this chunk per head, weighted by its tokens; no host sync
-    total = int(causal_blocks_per_row(index.num_query_blocks, q_offset, config.block_size).sum())
+    index = chunk.index
+    total = int(causal_blocks_per_row(index.num_query_blocks, q_offset, ctx.config.block_size).sum())
     kept = index.block_counts[0].to(torch.float64).sum(dim=-1)
-    ctx.sparsity_sum[layer_idx] += (1.0 - kept / total) * nq
-    return out, ProxyAttnStats(index=index, dense_fallback=False)
+    ctx.sparsity_sum[layer_idx] += (1.0 - kept / total) * q.shape[2]
+    return chunk.out, ProxyAttnStats(index=index, dense_fallback=False)
 
 
 def prefill_attention(

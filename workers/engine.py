@@ -10,13 +10,15 @@ A prompt of N tokens is run in chunks [c0, c0 + C): each chunk goes through the 
 (`model.model`) with explicit position ids; every layer writes its K/V into the preallocated
 cache and attends with the chunk's queries over the whole prefix (kernels/ with q_offset = c0).
 The LM head is applied to the requested positions only: [N, vocab] logits at 128k tokens and a
-128k vocabulary would be 64 GB.
+128k vocabulary would be 64 GB. The per-token log-likelihood (`token_nll=True`) is scored chunk by
+chunk in row slices of the LM head, so it never holds more than a slice of logits either.
 
 Input is validated before any compute (PrefillError, a ValueError, whose message names the problem).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import operator
 import os
@@ -38,8 +40,17 @@ class PrefillError(ValueError):
     """A prefill request that cannot run (empty, out-of-vocabulary ids, too long, bad options)."""
 
 
+# Rows of LM-head logits scored at once for token_nll: at most 2**26 float32 values (256 MiB),
+# i.e. 512 rows of a 128k vocabulary; the NLL costs no more memory than that at any length.
+NLL_SLICE_VALUES = 1 << 26
+
+
+def nll_slice_rows(vocab_size: int) -> int:
+    return max(1, NLL_SLICE_VALUES // vocab_size)
+
+
 class PrefillCancelled(Exception):
-    """`should_stop()` returned True between chunks; the partial work was dropped."""
+    """`should_stop()` returned True before a chunk or a layer; the partial work was dropped."""
 
 
 def token_ids_sha256(token_ids: torch.Tensor) -> str:
@@ -81,6 +92,7 @@ class PrefillResult:
     header: KVHeader
     chunk_size: int = 0
     attention: str = "dense"
+    token_nll: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -266,6 +278,25 @@ class PrefillEngine:
         )
 
     # the prefill -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _stop_between_layers(self, should_stop: Callable[[], bool] | None):
+        """Checks `should_stop()` before every decoder layer while the block runs, so that a
+        cancelled prefill stops within a layer's time rather than a chunk's."""
+        if should_stop is None:
+            yield
+            return
+
+        def check(module, args):
+            if should_stop():
+                raise PrefillCancelled("prefill cancelled inside a chunk")
+
+        hooks = [layer.register_forward_pre_hook(check) for layer in self._base.layers]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
     @torch.no_grad()
     def prefill(
         self,
@@ -278,15 +309,18 @@ class PrefillEngine:
         attention_observer: Callable | None = None,
         attention: str | None = None,
         fixed_density: float | None = None,
+        token_nll: bool = False,
     ) -> PrefillResult:
         """Run the prompt through the model in chunks; see PrefillResult.
 
         config overrides the engine's ProxyAttnConfig for this request, attention its mode.
         progress(tokens_done, total) is called after each chunk; should_stop() is checked before
-        each chunk and raises PrefillCancelled when it returns True. attention_observer(layer,
+        each chunk and each decoder layer (one chunk may cover a whole prompt) and raises
+        PrefillCancelled when it returns True. attention_observer(layer,
         q, k, v, stats_or_None, q_offset) sees every layer of every chunk. fixed_density (0, 1]
         replaces the gamma budgets with ceil(density x causal blocks) per row (benchmarks on
-        models whose attention is near uniform).
+        models whose attention is near uniform). token_nll=True also scores every next token
+        (PrefillResult.token_nll), chunk by chunk.
         """
         mode = attention or self.attention
         if mode not in attention_mod.MODES:
@@ -310,7 +344,8 @@ class PrefillEngine:
         ids = self._token_tensor(token_ids)
         n = int(ids.numel())
         positions = self._logit_positions(logits, n)
-        self._check_memory(n, chunk_size, len(positions))
+        slice_rows = nll_slice_rows(self.model_info.vocab_size)
+        self._check_memory(n, chunk_size, len(positions) + (slice_rows if token_nll else 0))
 
         info = self.model_info
         cuda = self.device.type == "cuda"
@@ -326,6 +361,7 @@ class PrefillEngine:
         if positions:
             out_logits = torch.empty(len(positions), info.vocab_size, dtype=torch.float32, device=self.device)
         wanted = torch.tensor(positions, dtype=torch.int64)
+        nll = torch.empty(n - 1, dtype=torch.float32, device=self.device) if token_nll else None
         ctx = attention_mod.PrefillContext(
             mode=mode,
             config=config,
@@ -337,7 +373,7 @@ class PrefillEngine:
             fixed_density=fixed_density,
         )
         device_ids = ids.to(self.device)
-        with attention_mod.active_context(ctx):
+        with attention_mod.active_context(ctx), self._stop_between_layers(should_stop):
             for start in range(0, n, chunk_size):
                 if should_stop is not None and should_stop():
                     raise PrefillCancelled(f"prefill cancelled after {start} of {n} tokens")
@@ -354,6 +390,8 @@ class PrefillEngine:
                     if slots.numel():
                         rows = (wanted[slots] - start).to(self.device)
                         out_logits[slots.to(self.device)] = self._lm_head(hidden[rows]).float()
+                if nll is not None:
+                    self._score_next_tokens(hidden, device_ids, start, nll, slice_rows)
                 del hidden
                 if progress is not None:
                     progress(end, n)
@@ -380,4 +418,18 @@ class PrefillEngine:
             header=KVHeader.for_model(info, num_tokens=n, token_sha256=token_ids_sha256(ids)),
             chunk_size=chunk_size,
             attention=mode,
+            token_nll=None if nll is None else nll.cpu(),
         )
+
+    def _score_next_tokens(
+        self, hidden: torch.Tensor, ids: torch.Tensor, start: int, nll: torch.Tensor, slice_rows: int
+    ) -> None:
+        """nll[p] = -log softmax(lm_head(hidden))[ids[p + 1]] for the chunk's positions p that
+        have a next token, `slice_rows` positions at a time."""
+        end = min(start + hidden.shape[0], ids.numel() - 1)  # the last token has no next one
+        for row in range(start, end, slice_rows):
+            stop = min(end, row + slice_rows)
+            logits = self._lm_head(hidden[row - start : stop - start]).float()
+            targets = ids[row + 1 : stop + 1]
+            picked = logits.gather(1, targets[:, None])[:, 0]
+            nll[row:stop] = torch.logsumexp(logits, dim=-1) - picked

@@ -1,4 +1,4 @@
-"""KV cache files: safetensors with the compatibility header of DESIGN §5.
+"""KV cache files: safetensors with the compatibility header every KV transfer carries.
 
 A file holds, per layer i, `layers.{i}.key` and `layers.{i}.value` [Hkv, N, d] in the model's
 dtype, `token_ids` int64 [N], and in the safetensors metadata the JSON header under

@@ -211,22 +211,9 @@ def load_model(
 ):
     """Load (model, tokenizer, ModelInfo). `path` is a HF directory, a .gguf file, or None for
     the embedded default model."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    gguf_file = None
-    if path is None:
-        directory = default_model_dir()
-        model_id = model_id or DEFAULT_MODEL_ID
-    else:
-        path = Path(path)
-        if path.is_file() and path.suffix == ".gguf":
-            directory, gguf_file = path.parent, path.name
-        elif path.is_dir():
-            directory = path
-        else:
-            raise FileNotFoundError(f"{path} is neither a model directory nor a .gguf file")
-        model_id = model_id or (_gguf_model_id(path) if gguf_file else path.name)
-
+    directory, gguf_file, model_id = _resolve(path, model_id)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     config = AutoConfig.from_pretrained(str(directory), **extra)
     check_supported(config)
@@ -234,8 +221,29 @@ def load_model(
         str(directory), dtype=dtype, attn_implementation=attn_implementation, **extra
     )
     model.to(device).eval()
+    return model, load_tokenizer(path), model_info_from_config(model.config, model_id, dtype)
+
+
+def load_tokenizer(path: str | os.PathLike | None):
+    """The tokenizer of a model (as `load_model` resolves `path`) without its weights; None for a
+    weights-only directory (prefill takes token ids anyway)."""
+    from transformers import AutoTokenizer
+
+    directory, gguf_file, _ = _resolve(path, None)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), **extra)
+        return AutoTokenizer.from_pretrained(str(directory), **extra)
     except (OSError, ValueError):
-        tokenizer = None  # a weights-only directory; prefill takes token ids anyway
-    return model, tokenizer, model_info_from_config(model.config, model_id, dtype)
+        return None
+
+
+def _resolve(path: str | os.PathLike | None, model_id: str | None) -> tuple[Path, str | None, str]:
+    """(directory, GGUF file name or None, model id) for a model path; None: the embedded model."""
+    if path is None:
+        return default_model_dir(), None, model_id or DEFAULT_MODEL_ID
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name, model_id or _gguf_model_id(path)
+    if path.is_dir():
+        return path, None, model_id or path.name
+    raise FileNotFoundError(f"{path} is neither a model directory nor a .gguf file")

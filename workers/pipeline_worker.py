@@ -172,7 +172,8 @@ class PipelineWorker(StreamingPrefills):
         from proxyprefill.workers.pipeline import StageUnavailableError
         from proxyprefill.workers.planner import InsufficientResources
 
-        stop = self._stop_flag(key)
+        request = self._begin_request(key)
+        stop = request.stop
         num_tokens, chunk_size = len(token_ids), options["chunk_size"]
         keep_handle = options.get("keep_handle")
         request_id = keep_handle or key
@@ -216,10 +217,16 @@ class PipelineWorker(StreamingPrefills):
                 return
             if keep_handle:
                 with self._lock:
-                    self._handles[keep_handle] = pipe.num_stages
+                    abandoned = stop.is_set()  # then keeping the KV would leak it
+                    if not abandoned:
+                        self._handles[keep_handle] = pipe.num_stages
+                if abandoned:
+                    pipe.release(request_id)
+                    yield final_item("cancelled", None)
+                    return
             yield _result_item(value, pipe.num_stages)
         finally:
-            self._end_request(key, stop)
+            self._end_request(key, request)
 
     # KV --------------------------------------------------------------------------------------
     def fetch(

@@ -6,31 +6,46 @@ The actor is *threaded* (`max_concurrency`): a prefill runs in one thread while 
 (`num_returns="streaming"`):
 
 - `prefill(key, token_ids, options)` yields `{"kind": "progress", ...}` after every chunk, then
-  one final item, `{"kind": "result" | "cancelled" | "error", ...}`. The engine runs in a helper
-  thread and reports progress through a queue, because its progress callback cannot yield.
-  `cancel(key)` sets the request's stop flag, which the engine checks between chunks; the
+  one final item, `{"kind": "result" | "cancelled" | "error", ...}`. The engine runs on one of
+  a few reused helper threads (a new thread per prefill would leave a glibc malloc arena behind
+  each time) and reports progress through a queue, because its progress callback cannot yield.
+  `cancel(key)` sets the request's stop flag, which the engine checks between layers; the
   partial KV is dropped with the engine's locals, so memory is freed when the prefill stops.
+  `abandon(key, handle)` is what the server calls when the client went away: it stops the
+  prefill, *waits until it has really ended*, and frees whatever KV it kept, so that the
+  server holds the request's slot until the worker is idle and no KV outlives its request.
 - `fetch(handle, ...)` yields the KV of a handle as raw little-endian bytes in pieces of at
   most `max_chunk_bytes` (keys + values of one layer and one token range), never pickled tensors.
+  A fetch that the server cancels (`ray.cancel` of the stream) ends at its next piece.
 
-KV kept for a handle stays in the actor until `release(handle)`. Leases (who may use a handle,
-until when, the memory cap) are the server's business (service/leases.py): the actor only
-stores and serves.
+KV kept for a handle stays in the actor until `release(handle)`, which waits for fetches of that
+handle in flight to end (they finish normally; later fetches find it missing). Leases (who may
+use a handle, until when, the memory cap) are the server's business (service/leases.py): the
+actor only stores and serves. `ping()` answers the actor's incarnation, a random id drawn when
+it starts: a new one means a restart, which lost every stored KV.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 log = logging.getLogger("proxyprefill.workers")
 
 _STALE_CANCEL_SECONDS = 600.0
+PREFILL_THREADS = 4  # helper threads a worker runs prefills on (the server admits fewer at once)
+RELEASE_WAIT_SECONDS = 30.0  # how long release waits for the fetches of its handle in flight
+# glibc gives every thread that allocates its own malloc arena; a few arenas are enough for a
+# worker and keep freed KV from staying mapped in dozens of them
+WORKER_ENV = {"MALLOC_ARENA_MAX": "2"}
 
 
 @dataclass
@@ -40,6 +55,41 @@ class StoredKV:
     token_ids: np.ndarray  # int64 [N]
     header: dict
     nbytes: int
+    shares: dict = field(default_factory=dict)  # transport -> SharedKV (workers/kv_share.py)
+    readers: int = 0  # fetches in flight
+
+
+@dataclass
+class PrefillRequest:
+    """A worker's record of one prefill key: created by whichever of prefill / cancel / abandon
+    comes first."""
+
+    stop: threading.Event
+    done: threading.Event  # set when the prefill has ended (its work stopped, its KV kept or not)
+    created: float
+    started: bool = False
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (VmRSS), 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def task_cancelled() -> bool:
+    """Whether the server cancelled the Ray task running this code (False outside Ray)."""
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().is_canceled()
+    except Exception:  # not inside a Ray task
+        return False
 
 
 def tensor_array(tensor) -> tuple[str, np.ndarray]:
@@ -90,34 +140,58 @@ class StreamingPrefills:
 
     def _init_requests(self) -> None:
         self._lock = threading.Lock()
-        self._stops: dict[str, tuple[threading.Event, float]] = {}
+        self._requests: dict[str, PrefillRequest] = {}
         self._outcomes = {"result": 0, "cancelled": 0, "error": 0}
+        self._threads = ThreadPoolExecutor(PREFILL_THREADS, thread_name_prefix="prefill")
+        self.incarnation = uuid.uuid4().hex
 
-    def _stop_flag(self, key: str) -> threading.Event:
+    def ping(self) -> str:
+        """This actor's incarnation (a restarted actor answers a new one)."""
+        return self.incarnation
+
+    def _request(self, key: str) -> PrefillRequest:
         with self._lock:
             now = time.monotonic()
-            for stale in [k for k, (_, t) in self._stops.items() if now - t > _STALE_CANCEL_SECONDS]:
-                self._stops.pop(stale)
-            if key not in self._stops:
-                self._stops[key] = (threading.Event(), now)
-            return self._stops[key][0]
+            for stale in [k for k, r in self._requests.items() if now - r.created > _STALE_CANCEL_SECONDS]:
+                self._requests.pop(stale)
+            if key not in self._requests:
+                self._requests[key] = PrefillRequest(threading.Event(), threading.Event(), now)
+            return self._requests[key]
+
+    def _begin_request(self, key: str) -> PrefillRequest:
+        request = self._request(key)
+        with self._lock:
+            request.started = True
+        return request
 
     def cancel(self, key: str) -> None:
-        """Stops the prefill `key` at its next chunk (or before it starts, if it has not yet)."""
-        self._stop_flag(key).set()
+        """Stops the prefill `key` at its next layer (or before it starts, if it has not yet)."""
+        self._request(key).stop.set()
+
+    def abandon(self, key: str, keep_handle: str | None, wait_seconds: float = 600.0) -> int:
+        """Stops the prefill `key`, waits (up to `wait_seconds`) until it has ended, then frees the
+        KV it kept under `keep_handle`, if any; returns the bytes freed. A prefill that has not
+        started yet will stop before its first layer and keep nothing."""
+        request = self._request(key)
+        request.stop.set()
+        with self._lock:
+            started = request.started
+        if started and not request.done.wait(wait_seconds):
+            log.warning("prefill %s still running %.0f s after it was abandoned", key, wait_seconds)
+        return self.release(keep_handle) if keep_handle else 0
 
     def _running(self) -> int:
         """Prefills under way (call with the lock held)."""
-        return sum(1 for event, _ in self._stops.values() if not event.is_set())
+        return sum(1 for r in self._requests.values() if r.started and not r.done.is_set())
 
     def _count(self, kind: str) -> None:
         with self._lock:
             self._outcomes[kind] += 1
 
     def _stream_prefill(self, key: str, stop: threading.Event, work, classify_error=None):
-        """Runs `work(progress)` in a thread (`progress(done, total)` streams a progress item) and
-        returns its outcome once it ends; `classify_error(error)` may name the (kind, message) of
-        worker-specific exceptions. The outcome is counted."""
+        """Runs `work(progress)` on a helper thread (`progress(done, total)` streams a progress
+        item) and returns its outcome once it ends; `classify_error(error)` may name the (kind,
+        message) of worker-specific exceptions. The outcome is counted."""
         from proxyprefill.workers.engine import PrefillCancelled, PrefillError
 
         events: queue.Queue = queue.Queue()
@@ -139,11 +213,10 @@ class StreamingPrefills:
             finally:
                 events.put(None)
 
-        thread = threading.Thread(target=run, name=f"prefill-{key}", daemon=True)
-        thread.start()
+        finished = self._threads.submit(run)
         while (item := events.get()) is not None:
             yield {"kind": "progress", "done": item[0], "total": item[1]}
-        thread.join()
+        finished.result()
         result = outcome.get("result")
         if "cancelled" in outcome or (stop.is_set() and result is not None):
             kind, value = "cancelled", result
@@ -154,10 +227,11 @@ class StreamingPrefills:
         self._count(kind)
         return kind, value
 
-    def _end_request(self, key: str, stop: threading.Event) -> None:
-        stop.set()  # a consumer that went away also stops the work
+    def _end_request(self, key: str, request: PrefillRequest) -> None:
+        request.stop.set()  # a consumer that went away also stops the work
         with self._lock:
-            self._stops.pop(key, None)
+            self._requests.pop(key, None)
+        request.done.set()
 
 
 def final_item(kind: str, value) -> dict:
@@ -185,6 +259,8 @@ class PrefillWorker(StreamingPrefills):
         self.engine = PrefillEngine.from_pretrained(**kwargs)
         self._init_requests()
         self._kv: dict[str, StoredKV] = {}
+        self._fetching = 0  # fetches in flight, all handles
+        self._reader_left = threading.Condition(self._lock)
 
     # description -----------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -209,6 +285,9 @@ class PrefillWorker(StreamingPrefills):
                 "running": self._running(),
                 "handles": len(self._kv),
                 "kv_bytes": sum(s.nbytes for s in self._kv.values()),
+                "fetching": self._fetching,
+                "threads": threading.active_count(),
+                "rss_bytes": resident_bytes(),
                 **{f"prefills_{kind}": count for kind, count in self._outcomes.items()},
             }
 
@@ -220,7 +299,8 @@ class PrefillWorker(StreamingPrefills):
 
         from proxyprefill.kernels.config import ProxyAttnConfig
 
-        stop = self._stop_flag(key)
+        request = self._begin_request(key)
+        stop = request.stop
 
         def work(progress):
             return self.engine.prefill(
@@ -236,16 +316,20 @@ class PrefillWorker(StreamingPrefills):
         try:
             kind, value = yield from self._stream_prefill(key, stop, work)
             if kind == "result":
-                yield self._finish(value, token_ids, options.get("keep_handle"))
+                yield self._finish(value, token_ids, options.get("keep_handle"), stop)
             else:  # a cancelled prefill's KV is dropped with the result
                 yield final_item(kind, value)
         finally:
-            self._end_request(key, stop)
+            self._end_request(key, request)
 
-    def _finish(self, result, token_ids: np.ndarray, keep_handle: str | None) -> dict:
+    def _finish(self, result, token_ids: np.ndarray, keep_handle: str | None, stop: threading.Event) -> dict:
         header = asdict(result.header)
         if keep_handle:
             with self._lock:
+                if stop.is_set():  # abandoned meanwhile: keeping the KV would leak it
+                    self._outcomes["result"] -= 1  # counted by _stream_prefill just before
+                    self._outcomes["cancelled"] += 1
+                    return final_item("cancelled", None)
                 self._kv[keep_handle] = StoredKV(
                     keys=result.keys,
                     values=result.values,
@@ -283,9 +367,23 @@ class PrefillWorker(StreamingPrefills):
         restarted)."""
         with self._lock:
             stored = self._kv.get(handle)
+            if stored is not None:
+                stored.readers += 1
+                self._fetching += 1
         if stored is None:
             yield {"kind": "missing"}
             return
+        try:
+            yield from self._kv_pieces(stored, max_chunk_bytes, layer_start, layer_end, include_token_ids)
+        finally:
+            with self._lock:
+                stored.readers -= 1
+                self._fetching -= 1
+                self._reader_left.notify_all()
+
+    @staticmethod
+    def _kv_pieces(stored: StoredKV, max_chunk_bytes, layer_start, layer_end, include_token_ids):
+        """fetch's items; stops early when the server cancelled the stream."""
         if include_token_ids:
             per_piece = max(1, max_chunk_bytes // 8)
             ids = stored.token_ids.astype("<i8", copy=False)
@@ -294,17 +392,62 @@ class PrefillWorker(StreamingPrefills):
                 yield {"kind": "tokens", "start": start, "end": end, "data": ids[start:end].tobytes()}
         layer_end = len(stored.keys) if layer_end is None else layer_end
         for layer in range(layer_start, layer_end):
-            yield from layer_kv_pieces(layer, stored.keys[layer], stored.values[layer], max_chunk_bytes)
+            for piece in layer_kv_pieces(layer, stored.keys[layer], stored.values[layer], max_chunk_bytes):
+                if task_cancelled():
+                    return
+                yield piece
 
-    def release(self, handle: str) -> int:
-        """Frees the KV of `handle`; returns its bytes (0 when it was not here)."""
+    def share(self, handle: str, transport: str):
+        """A KVShare through which a process on this host maps the KV of `handle` (made once per
+        transport and kept until release), or None when the handle is not here."""
+        from proxyprefill.workers.kv_share import share_kv
+
+        with self._lock:
+            stored = self._kv.get(handle)
+            if stored is None:
+                return None
+            shared = stored.shares.get(transport)
+            if shared is None:
+                shared = share_kv(
+                    stored.keys, stored.values, stored.token_ids, transport, name=f"proxyprefill-{handle}"
+                )
+                stored.shares[transport] = shared
+                stored.shares[shared.share.transport] = shared  # "" (auto) and its pick
+        return shared.share
+
+    def push(self, handle: str, target) -> int | None:
+        """Sends the KV of `handle` to a receiver (workers/kv_push.py); the bytes sent, or None
+        when the handle is not here."""
+        from proxyprefill.workers.kv_push import push_kv
+
+        with self._lock:
+            stored = self._kv.get(handle)
+            if stored is not None:
+                stored.readers += 1  # a release waits for the push as for a fetch
+        if stored is None:
+            return None
+        try:
+            return push_kv(stored.keys, stored.values, target)
+        finally:
+            with self._lock:
+                stored.readers -= 1
+                self._reader_left.notify_all()
+
+    def release(self, handle: str, wait_seconds: float = RELEASE_WAIT_SECONDS) -> int:
+        """Frees the KV of `handle` and unlinks its shares once the fetches and pushes of it in
+        flight have ended (waiting up to `wait_seconds`; later fetches find it missing); returns
+        its bytes (0 when it was not here)."""
         with self._lock:
             stored = self._kv.pop(handle, None)
-        if stored is None:
-            return 0
-        del stored.keys, stored.values
+            if stored is None:
+                return 0
+            if not self._reader_left.wait_for(lambda: stored.readers == 0, wait_seconds):
+                log.warning("released %s with %d fetches still reading it", handle[:8], stored.readers)
+            for shared in stored.shares.values():
+                shared.close()  # unlinks the segment; mappings already made stay valid
+        nbytes, stored = stored.nbytes, None  # a fetch still reading (past the wait) keeps its own
         self._empty_device_cache()
-        return stored.nbytes
+        return nbytes
 
     def kv_tensors(self, handle: str) -> dict | None:
         """The stored KV as CPU tensors (tests compare transfers against it bit for bit)."""
@@ -326,15 +469,33 @@ class PrefillWorker(StreamingPrefills):
             torch.cuda.empty_cache()
 
 
+@dataclass
+class WorkerState:
+    """What one probe of a worker found: `alive` when it answered, with its `incarnation`;
+    `gone` when it is dead for good (Ray will not restart it; the pool must replace it)."""
+
+    alive: bool
+    incarnation: str | None = None
+    gone: bool = False
+
+
+PROBE_SECONDS = 10.0  # a worker that does not answer a ping within this is reported not alive
+_WORKER_RESTARTS = 3  # restarts Ray makes by itself; after those the server replaces the actor
+
+
 class WorkerPool:
     """The actors plus what the server needs to route to them. Methods return Ray refs or
     ObjectRefGenerators, which the server awaits / iterates asynchronously."""
 
-    def __init__(self, actors: list, descriptions: list[dict], owns_ray: bool, pipeline=None):
+    def __init__(
+        self, actors: list, descriptions: list[dict], owns_ray: bool, pipeline=None, make_actor=None
+    ):
         self.actors = actors  # the replicas, each holding the whole model
         self.descriptions = descriptions
         self.names = [d["worker"] for d in descriptions]
         self._owns_ray = owns_ray
+        self._make_actor = make_actor  # name -> a new replica actor (replace())
+        self._replace_lock = threading.Lock()
         # the sharded route (workers/pipeline_worker.py), addressed as one more worker after the
         # replicas: index `pipeline_index`, name "pipeline"
         self.pipeline = pipeline
@@ -388,9 +549,17 @@ class WorkerPool:
             per_actor = {"num_cpus": max(1, int(cpus - stages * stage_cpus) // count)}
             stage_options = {"num_cpus": stage_cpus}
         actor_class = ray.remote(PrefillWorker).options(
-            max_concurrency=max_concurrency, max_restarts=3, max_task_retries=0, **per_actor
+            max_concurrency=max_concurrency,
+            max_restarts=_WORKER_RESTARTS,
+            max_task_retries=0,
+            runtime_env={"env_vars": WORKER_ENV},
+            **per_actor,
         )
-        actors = [actor_class.remote(f"worker-{i}", engine_kwargs) for i in range(count)]
+
+        def make_actor(name: str):
+            return actor_class.remote(name, engine_kwargs)
+
+        actors = [make_actor(f"worker-{i}") for i in range(count)]
         descriptions = ray.get([actor.describe.remote() for actor in actors])
         pipeline = None
         if stages:
@@ -400,7 +569,13 @@ class WorkerPool:
             device = "cuda" if gpus else "cpu"
             pipeline = (
                 ray.remote(PipelineWorker)
-                .options(max_concurrency=max_concurrency, max_restarts=3, max_task_retries=0, num_cpus=0)
+                .options(
+                    max_concurrency=max_concurrency,
+                    max_restarts=_WORKER_RESTARTS,
+                    max_task_retries=0,
+                    num_cpus=0,
+                    runtime_env={"env_vars": WORKER_ENV},
+                )
                 .remote(
                     "pipeline",
                     engine_kwargs,
@@ -413,7 +588,7 @@ class WorkerPool:
                 )
             )
             ray.get(pipeline.describe.remote())  # stages started and their layers loaded
-        return cls(actors, descriptions, owns_ray, pipeline)
+        return cls(actors, descriptions, owns_ray, pipeline, make_actor)
 
     @property
     def model_info(self) -> dict:
@@ -430,6 +605,55 @@ class WorkerPool:
     def cancel(self, worker: int, key: str):
         return self._actor(worker).cancel.remote(key)
 
+    def abandon(self, worker: int, key: str, keep_handle: str | None):
+        """Stops prefill `key` and frees its kept KV once it has ended (PrefillWorker.abandon)."""
+        return self._actor(worker).abandon.remote(key, keep_handle)
+
+    def cancel_stream(self, stream) -> None:
+        """Stops a fetch stream the server no longer reads (the worker ends it at its next piece)."""
+        import ray
+
+        try:
+            ray.cancel(stream)
+        except Exception as error:  # already finished, or its worker is gone
+            log.debug("cancelling a fetch stream: %s", error)
+
+    async def probe(self, worker: int, timeout: float = PROBE_SECONDS) -> WorkerState:
+        """Pings a worker: alive with its incarnation, or not alive (restarting, busy beyond
+        `timeout`), or gone for good."""
+        import asyncio
+
+        import ray
+
+        try:
+            incarnation = await asyncio.wait_for(self._actor(worker).ping.remote(), timeout)
+        except ray.exceptions.ActorDiedError:
+            return WorkerState(alive=False, gone=True)  # new calls to a restarting actor wait instead
+        except (TimeoutError, ray.exceptions.RayError):
+            return WorkerState(alive=False)
+        return WorkerState(alive=True, incarnation=incarnation)
+
+    def replace(self, worker: int) -> None:
+        """Starts a new actor for a replica that is gone for good (blocking: it loads the model);
+        does nothing when the actor there answers (another server on this pool replaced it)."""
+        import ray
+
+        if worker == self.pipeline_index or self._make_actor is None:
+            raise ValueError(f"worker {worker} cannot be replaced")
+        with self._replace_lock:
+            current = self.actors[worker]
+            try:
+                ray.get(current.ping.remote(), timeout=5)
+                return
+            except ray.exceptions.RayError:  # dead, or not answering (GetTimeoutError)
+                pass
+            with contextlib.suppress(ray.exceptions.RayError):
+                ray.kill(current, no_restart=True)
+            actor = self._make_actor(self.names[worker])
+            ray.get(actor.ping.remote())
+            self.actors[worker] = actor
+        log.warning("replaced %s, which was gone for good", self.names[worker])
+
     def fetch(
         self, worker: int, handle: str, max_chunk_bytes: int, layer_start, layer_end, include_token_ids
     ):
@@ -441,6 +665,12 @@ class WorkerPool:
 
     def release(self, worker: int, handle: str):
         return self._actor(worker).release.remote(handle)
+
+    def share(self, worker: int, handle: str, transport: str):
+        return self._actor(worker).share.remote(handle, transport)
+
+    def push(self, worker: int, handle: str, target):
+        return self._actor(worker).push.remote(handle, target)
 
     def stats(self, worker: int):
         return self._actor(worker).stats.remote()

@@ -1,10 +1,11 @@
-"""The coarse baseline block estimator: scores from mean-pooled query and key blocks.
+"""The mean-pool block-score estimator ("meanpool"): scores from mean-pooled query and key blocks.
 
 Sequence-compressing sparse-prefill methods estimate block importance from one pooled vector
 per block instead of from token-level scores. This module implements that idea with the same
 grouping and output contract as the proxy estimator (`reference.estimate_block_scores`), so the
 accuracy harness can swap the two (`ProxyAttnConfig(estimator="meanpool")`) and show what the
-token-level proxy scores buy at the same budgets.
+token-level proxy scores buy at the same budgets. It is plain PyTorch on any device, so it runs
+under every backend (kernels/backend.py), which then does the budgets, the index and attention.
 
 For proxy group j (its query heads and KV heads averaged, as in `reference.proxy_heads`):
 
@@ -22,6 +23,7 @@ import math
 
 import torch
 
+from .backend import BlockScoreEstimator
 from .config import ProxyAttnConfig
 from .index import causal_block_mask
 from .reference import proxy_heads
@@ -62,3 +64,12 @@ def estimate_block_scores_meanpool(
     causal = causal_block_mask(mq, nkb, q_offset, bs, q.device)
     probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
     return probs.masked_fill(~causal, float("-inf"))
+
+
+class MeanPoolScores(BlockScoreEstimator):
+    """`estimate_block_scores_meanpool` behind the estimator interface (registered as "meanpool")."""
+
+    name = "meanpool"
+
+    def estimate(self, backend, q, k, config, q_offset, scale):
+        return estimate_block_scores_meanpool(q, k, config, q_offset, scale)

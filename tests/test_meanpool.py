@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from proxyprefill.kernels import ProxyAttnConfig, api, reference
-from proxyprefill.kernels.coarse import estimate_block_scores_meanpool
+from proxyprefill.kernels import ProxyAttnConfig, api, reference, registry
+from proxyprefill.kernels.meanpool import estimate_block_scores_meanpool
 
 
 def _brute_force(q, k, config, q_offset, scale):
@@ -103,3 +103,21 @@ def test_proxy_attention_routes_meanpool_and_keeps_budgets():
 
     proxy_scores = reference.estimate_block_scores(q, k, config.replace(estimator="proxy"))
     assert not torch.equal(proxy_scores, scores)  # the two estimators really differ
+
+
+def test_registered_estimator_is_the_function_on_every_backend():
+    """Behind the estimator interface the mean-pool scores are exactly the function's output,
+    whichever backend runs the other steps (the scores never go through the backend)."""
+    torch.manual_seed(5)
+    config = ProxyAttnConfig(dense_below_tokens=0, block_size=16, proxy_groups=2, estimator="meanpool")
+    q, k = torch.randn(1, 4, 80, 16), torch.randn(1, 2, 112, 16)
+    want = estimate_block_scores_meanpool(q, k, config, q_offset=32)
+
+    class NoProxyScores(reference.ReferenceBackend):
+        def estimate_block_scores(self, *args):
+            raise AssertionError("the proxy score step ran for the mean-pool estimator")
+
+    estimator = registry.load_estimator("meanpool")
+    assert estimator.name == "meanpool"
+    assert torch.equal(estimator.estimate(NoProxyScores(), q, k, config, 32, None), want)
+    assert torch.equal(api.estimate_block_scores(q, k, config, q_offset=32, backend=NoProxyScores()), want)

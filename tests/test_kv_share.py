@@ -1,0 +1,277 @@
+"""Same-host KV handoff (workers/kv_share.py, MapKV): the KV mapped in place equals what FetchKV
+streams, bit for bit; the shared memory lives exactly as long as the lease (release and expiry
+unlink it), also when a decode process dies holding a mapping; bad requests get clear statuses.
+
+Unit tests share and open in this process; the service tests run a real loopback server over one
+Ray worker holding a tiny random Llama (fp32, CPU)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from proxyprefill.workers.kv_share import (
+    CUDA_IPC,
+    SHARED_MEMORY,
+    SHM_DIR,
+    KVShareError,
+    open_share,
+    share_from_message,
+    share_kv,
+    share_to_message,
+)
+
+pytestmark = pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
+
+
+def _kv(layers=3, dtype=torch.float32, tokens=21):
+    gen = torch.Generator().manual_seed(0)
+    keys = [torch.randn(2, tokens, 8, generator=gen).to(dtype) for _ in range(layers)]
+    values = [torch.randn(2, tokens, 8, generator=gen).to(dtype) for _ in range(layers)]
+    return keys, values, np.arange(tokens, dtype=np.int64)
+
+
+def _segment(name: str):
+    return SHM_DIR / name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_shared_memory_round_trip_and_unlink(dtype):
+    keys, values, ids = _kv(dtype=dtype)
+    name = f"proxyprefill-test-{os.getpid()}-{str(dtype)[6:]}"
+    shared = share_kv(keys, values, ids, "", name)
+    try:
+        assert shared.share.transport == SHARED_MEMORY and _segment(name).exists()
+        mapped_k, mapped_v = open_share(shared.share)
+        for a, b in zip(keys + values, mapped_k + mapped_v, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        assert np.frombuffer(shared.share.token_ids, dtype="<i8").tolist() == ids.tolist()
+        # writes by the decoder stay in its private copy
+        mapped_k[0].zero_()
+        assert torch.equal(open_share(shared.share)[0][0], keys[0])
+    finally:
+        shared.close()
+    assert not _segment(name).exists()
+    # a mapping made before the unlink stays readable; a new one is refused naming the field
+    assert torch.equal(mapped_v[2], values[2])
+    with pytest.raises(KVShareError, match="shm_name"):
+        open_share(shared.share)
+
+
+def test_message_round_trip_and_refusals():
+    from proxyprefill.protos import prefill_pb2 as pb
+
+    keys, values, ids = _kv()
+    shared = share_kv(keys, values, ids, SHARED_MEMORY, f"proxyprefill-test-msg-{os.getpid()}")
+    try:
+        message = share_to_message(shared.share, pb.KVHeader(dtype="float32", num_tokens=21))
+        back = share_from_message(pb.KVMapping.FromString(message.SerializeToString()))
+        assert back == shared.share
+        mapped_k, _ = open_share(back)
+        assert torch.equal(mapped_k[1], keys[1])
+        back.host_id = "another-host"
+        with pytest.raises(KVShareError, match="host_id"):
+            open_share(back)
+    finally:
+        shared.close()
+    with pytest.raises(KVShareError, match="CUDA IPC needs GPU-resident KV"):
+        share_kv(keys, values, ids, CUDA_IPC, "unused")
+    with pytest.raises(KVShareError, match="transport: unknown"):
+        share_kv(keys, values, ids, "carrier-pigeon", "unused")
+
+
+_HOLDER = """
+import sys, time, torch
+from proxyprefill.workers.kv_share import KVShare, SharedTensorInfo, open_share
+name, nbytes = sys.argv[1], int(sys.argv[2])
+share = KVShare(transport="shared_memory", host_id=open("/proc/sys/kernel/random/boot_id").read().strip(),
+                dtype="float32", keys=[SharedTensorInfo([nbytes // 4], [1])], values=[],
+                shm_name=name, shm_bytes=nbytes)
+keys, _ = open_share(share)
+print(float(keys[0][:1000].sum()), flush=True)
+time.sleep(600)
+"""
+
+
+def _shm_used_bytes() -> int:
+    stat = os.statvfs(SHM_DIR)
+    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+
+
+def test_decoder_dying_with_a_mapping_leaves_nothing_behind():
+    size = 64 * 1024 * 1024
+    keys = [torch.ones(1, size // 4 // 2, 2)]
+    before = _shm_used_bytes()
+    shared = share_kv(
+        keys, [torch.ones(1)], np.arange(1), SHARED_MEMORY, f"proxyprefill-test-die-{os.getpid()}"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, shared.share.shm_name, str(shared.share.shm_bytes)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert float(holder.stdout.readline()) == 1000.0  # it maps and reads the KV
+        assert _shm_used_bytes() - before >= size * 0.9
+        shared.close()  # the lease ends while the decoder holds the mapping
+        assert not _segment(shared.share.shm_name).exists()
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        shared.close()
+    assert _shm_used_bytes() - before < size * 0.1  # the pages went with the last mapping
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the service
+# ---------------------------------------------------------------------------------------------
+ray = pytest.importorskip("ray")
+pytest.importorskip("transformers")
+pytest.importorskip("grpc_health")
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    from _support import save_tiny_llama
+
+    from proxyprefill.service import config as config_mod
+    from proxyprefill.service.local import LocalService
+    from proxyprefill.service.server import engine_kwargs
+    from proxyprefill.workers.ray_pool import WorkerPool
+
+    path = tmp_path_factory.mktemp("tiny-llama-share")
+    save_tiny_llama(path, 2)
+    config = config_mod.load(
+        environ={},
+        listen="127.0.0.1:0",
+        model=str(path),
+        dtype="float32",
+        num_workers=1,
+        dense_below_tokens=0,
+    )
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    pool = WorkerPool.start(engine_kwargs(config), num_workers=1)
+    service = LocalService(config, pool=pool).start()
+    yield service
+    service.stop()
+    pool.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    from proxyprefill.service.client import PrefillClient
+
+    with PrefillClient(service.target) as client:
+        yield client
+
+
+def _handle(client, tokens=300, lease_seconds=0):
+    ids = torch.randint(0, 256, (tokens,), generator=torch.Generator().manual_seed(tokens)).tolist()
+    outcome = client.prefill(token_ids=ids, kv="handle", lease_seconds=lease_seconds)
+    return outcome.handle.handle, ids
+
+
+@pytest.mark.slow
+def test_mapped_kv_equals_fetched_kv_and_release_unlinks(client):
+    handle, ids = _handle(client)
+    fetched = client.fetch_kv(handle, include_token_ids=True)
+    mapped = client.get_kv(handle)  # auto: same host, so mapped in place
+    assert mapped.transport == SHARED_MEMORY and mapped.bytes_received == 0
+    assert mapped.header == fetched.header and mapped.token_ids.tolist() == ids
+    for a, b in zip(fetched.keys + fetched.values, mapped.keys + mapped.values, strict=True):
+        assert torch.equal(a, b)
+    segment = _segment(f"proxyprefill-{handle}")
+    assert segment.exists()
+    assert client.map_kv(handle).keys[0].data_ptr() != 0  # a second map reuses the segment
+    client.release(handle)
+    assert not segment.exists()
+    assert torch.equal(mapped.keys[1], fetched.keys[1])  # our mapping outlives the lease
+
+
+@pytest.mark.slow
+def test_expiry_unlinks_the_segment(client):
+    handle, _ = _handle(client, tokens=100, lease_seconds=1)
+    client.map_kv(handle)
+    segment = _segment(f"proxyprefill-{handle}")
+    assert segment.exists()
+    deadline = time.monotonic() + 15
+    while segment.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not segment.exists()
+
+
+@pytest.mark.slow
+def test_map_kv_refusals(client):
+    import grpc
+
+    handle, _ = _handle(client, tokens=50)
+    with pytest.raises(grpc.RpcError) as err:
+        client.map_kv(handle, transport=CUDA_IPC)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "CUDA IPC" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        client.map_kv("0" * 32)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    from proxyprefill.protos import prefill_pb2 as pb
+
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.MapKV(pb.MapKVRequest(handle=handle, transport=7))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "transport" in err.value.details()
+    with pytest.raises(ValueError, match="transport"):
+        client.map_kv(handle, transport="pigeon")
+    client.release(handle)
+
+
+@pytest.mark.slow
+def test_push_over_gloo_equals_fetch(client):
+    import grpc
+
+    handle, ids = _handle(client, tokens=200)
+    fetched = client.fetch_kv(handle)
+    pushed = client.push_kv(handle, backend="gloo")
+    assert pushed.transport == "push-gloo" and pushed.header == fetched.header
+    assert pushed.bytes_received == sum(t.numel() * t.element_size() for t in fetched.keys + fetched.values)
+    for a, b in zip(fetched.keys + fetched.values, pushed.keys + pushed.values, strict=True):
+        assert torch.equal(a, b)
+    client.release(handle)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:  # refused at once, not after the receive's timeout
+        client.push_kv(handle, backend="gloo", timeout_seconds=30)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and time.monotonic() - started < 10
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.PushKV(pb_push_request(handle="0" * 32, rendezvous="nowhere"))
+    assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+
+
+def pb_push_request(**fields):
+    from proxyprefill.protos import prefill_pb2 as pb
+
+    values = dict(backend="gloo", transfer_id="t1")
+    values.update(fields)
+    return pb.PushKVRequest(**values)
+
+
+@pytest.mark.slow
+def test_push_refuses_bad_fields(client):
+    import grpc
+
+    handle, _ = _handle(client, tokens=40)
+    for fields, name in (
+        (dict(rendezvous="nowhere"), "rendezvous"),
+        (dict(rendezvous="127.0.0.1:1", backend="carrier"), "backend"),
+        (dict(rendezvous="127.0.0.1:1", transfer_id="a b"), "transfer_id"),
+    ):
+        request = pb_push_request(handle=handle, **fields)
+        with pytest.raises(grpc.RpcError) as err:
+            client.stub.PushKV(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and name in err.value.details()
+    client.release(handle)
