@@ -51,6 +51,8 @@ REQUEST_TYPES = {
     "RenewLease": pb.RenewLeaseRequest,
     "ReleaseKV": pb.ReleaseKVRequest,
     "GetModelInfo": pb.GetModelInfoRequest,
+    "MapKV": pb.MapKVRequest,
+    "PushKV": pb.PushKVRequest,
 }
 CALL_TIMEOUT = 30.0  # a call not answered within this is a hang
 
@@ -120,9 +122,14 @@ def handle_requests(draw, request_type) -> bytes:
     for name, value in (("lease_seconds", wild_uint32), ("max_chunk_bytes", wild_uint32)):
         if name in request_type.DESCRIPTOR.fields_by_name and draw(st.booleans()):
             setattr(request, name, draw(value))
-    for name in ("layer_start", "layer_end"):
+    for name in ("layer_start", "layer_end", "timeout_seconds"):
         if name in request_type.DESCRIPTOR.fields_by_name and draw(st.booleans()):
             setattr(request, name, draw(wild_uint32))
+    for name in ("rendezvous", "backend", "transfer_id"):  # PushKV
+        if name in request_type.DESCRIPTOR.fields_by_name and draw(st.booleans()):
+            setattr(request, name, draw(wild_text))
+    if "transport" in request_type.DESCRIPTOR.fields_by_name and draw(st.booleans()):  # MapKV
+        request.transport = draw(st.integers(-3, 8))
     return request.SerializeToString()
 
 
@@ -287,6 +294,8 @@ def _seed_messages() -> list[bytes]:
         "RenewLease": [pb.RenewLeaseRequest(handle=handle, lease_seconds=30)],
         "ReleaseKV": [pb.ReleaseKVRequest(handle=handle)],
         "GetModelInfo": [pb.GetModelInfoRequest()],
+        "MapKV": [pb.MapKVRequest(handle=handle, transport=1)],
+        "PushKV": [pb.PushKVRequest(handle=handle, rendezvous="127.0.0.1:29500", backend="gloo")],
     }
     return [
         bytes([METHODS.index(method)]) + message.SerializeToString()

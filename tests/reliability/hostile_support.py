@@ -27,7 +27,7 @@ REFUSALS = frozenset(
     }
 )
 STREAMING_METHODS = ("Prefill", "FetchKV")
-METHODS = ("Prefill", "FetchKV", "RenewLease", "ReleaseKV", "GetModelInfo")
+METHODS = ("Prefill", "FetchKV", "RenewLease", "ReleaseKV", "GetModelInfo", "MapKV", "PushKV")
 NULL_POOL_MESSAGE = "the null pool computes nothing"
 
 
@@ -64,6 +64,18 @@ class NullPool:
 
     def cancel(self, worker, key):
         self.calls.append("cancel")
+
+    async def abandon(self, worker, key, keep_handle):
+        self.calls.append("abandon")
+        return 0
+
+    def cancel_stream(self, stream):
+        self.calls.append("cancel_stream")
+
+    async def probe(self, worker, timeout: float = 10.0):
+        from proxyprefill.workers.ray_pool import WorkerState
+
+        return WorkerState(alive=True, incarnation="null")
 
     async def release(self, worker, handle):
         self.calls.append("release")

@@ -32,6 +32,8 @@ REQUEST_TYPES = {
     "RenewLease": pb.RenewLeaseRequest,
     "ReleaseKV": pb.ReleaseKVRequest,
     "GetModelInfo": pb.GetModelInfoRequest,
+    "MapKV": pb.MapKVRequest,
+    "PushKV": pb.PushKVRequest,
 }
 CORRUPT = b"\xff\xff\xff"  # a field tag whose varint never ends
 NOT_UTF8 = b"\x0a\x02\xc3\x28"  # field 1 (a string in every request that has one) = invalid UTF-8

@@ -31,6 +31,8 @@ VALID_REQUESTS = {
     "RenewLease": pb.RenewLeaseRequest(handle="0" * 32),
     "ReleaseKV": pb.ReleaseKVRequest(handle="0" * 32),
     "GetModelInfo": pb.GetModelInfoRequest(),
+    "MapKV": pb.MapKVRequest(handle="0" * 32),
+    "PushKV": pb.PushKVRequest(handle="0" * 32, rendezvous="127.0.0.1:29500", backend="gloo"),
 }
 BAD_CREDENTIALS = {
     "none": (),
