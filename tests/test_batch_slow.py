@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -79,7 +80,19 @@ def start_ray_node(args: list[str], log: Path) -> subprocess.Popen:
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_agent_register_timeout_ms="300000"),
+        env=ray_env(),
+    )
+
+
+def ray_env() -> dict:
+    """The environment of the nodes and the job: Ray's token authentication off (a head started
+    with it on refuses a node or job that lacks the token), usage stats off, and a patient agent
+    start on a loaded machine."""
+    return dict(
+        os.environ,
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_agent_register_timeout_ms="300000",
     )
 
 
@@ -121,6 +134,7 @@ def two_node_cluster(tmp_path):
     finally:
         for node in reversed(nodes):
             stop_ray_node(node)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_two_node_ray_cluster_runs_the_same_job(tmp_path, two_node_cluster):
@@ -137,7 +151,7 @@ def test_two_node_ray_cluster_runs_the_same_job(tmp_path, two_node_cluster):
         "--min-budget-tokens", "0", "--dense-below-tokens", "0", "--device", "cpu",
         "--workers", "2", "--ray-address", two_node_cluster,
     ]  # fmt: skip
-    job = subprocess.run(command, capture_output=True, text=True, timeout=420)
+    job = subprocess.run(command, capture_output=True, text=True, timeout=420, env=ray_env())
     assert job.returncode == 0, job.stderr[-3000:]
     assert "8 written, 1 failed" in job.stdout
 
