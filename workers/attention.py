@@ -40,6 +40,8 @@ MODES = ("proxy", "dense")
 class PrefillContext:
     """What the attention function does during one prefill, and what it records.
 
+    layer_configs: one config per layer (a calibrated profile's per-layer gamma); None = `config`
+    in every layer.
     sparsity_sum[layer, head] accumulates (causal sparsity of the chunk) x (chunk tokens); the
     engine divides by the prompt length. Timings: CUDA event triples (start, estimated, done)
     per call on GPU, synchronised once at the end; perf_counter sums on CPU.
@@ -53,6 +55,7 @@ class PrefillContext:
     backend: str = "auto"
     observer: Callable | None = None
     fixed_density: float | None = None
+    layer_configs: tuple[ProxyAttnConfig, ...] | None = None
     sparsity_sum: torch.Tensor = field(init=False)
     events: list = field(default_factory=list)
     estimate_seconds: float = 0.0
@@ -121,7 +124,7 @@ def fixed_density_budgets(
 
 
 def _proxy_chunk(ctx: PrefillContext, layer_idx, q, k, v, q_offset, scale):
-    config = ctx.config
+    config = ctx.config if ctx.layer_configs is None else ctx.layer_configs[layer_idx]
     nq, nk = q.shape[2], k.shape[2]
     if nk <= config.dense_below_tokens:
         start = ctx._mark()
