@@ -54,6 +54,7 @@ class ServerConfig:
 
     # the model and its workers
     model: str | None = None  # HF directory or .gguf; None = the embedded SmolLM2
+    profile: str = "auto"  # calibrated ProxyAttn profile: "auto", "none" or a file
     attention: str = "proxy"  # default attention mode: "proxy" or "dense"
     device: str | None = None  # None: cuda when the worker has a GPU, else cpu
     dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
@@ -121,6 +122,11 @@ class ServerConfig:
             need(path is None or Path(path).is_file(), name, "must name a readable file")
         need(self.tls_client_ca is None or self.tls_enabled, "tls_client_ca", "needs tls_cert and tls_key")
         need(self.attention in ("proxy", "dense"), "attention", "must be 'proxy' or 'dense'")
+        need(
+            self.profile in ("auto", "none") or Path(self.profile).is_file(),
+            "profile",
+            "must be 'auto', 'none' or a readable profile file",
+        )
         need(
             self.dtype in (None, "float32", "float16", "bfloat16"),
             "dtype",
@@ -222,6 +228,9 @@ def from_environment(environ: dict[str, str] | None = None) -> dict:
 
 
 _HELP = {
+    "profile": "calibrated ProxyAttn profile for requests that set no attention settings: 'auto' "
+    "(default: the model's profile written by `proxyprefill calibrate`, when there is one), "
+    "'none', or a profile file (refused when it is for another model)",
     "pipeline_workers": "stage workers one sharded request may use (layer ranges); 0 = sharding off "
     "(default). Requests force a count with pipeline_stages",
     "shard_above_tokens": "prompts longer than this go to the planner, which may shard them over "

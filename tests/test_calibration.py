@@ -228,3 +228,11 @@ def test_a_profile_for_another_model_is_refused(tiny_dir, engine, calibrated, tm
     save_tiny_llama(other, num_layers=3)
     with pytest.raises(ProfileError, match="model_fingerprint"):
         PrefillEngine.from_pretrained(other, device="cpu", model_id=calibrated.model_id, profile=calibrated)
+
+
+def test_the_server_refuses_a_profile_file_that_is_not_there(tmp_path):
+    from proxyprefill.service import config as config_mod
+
+    with pytest.raises(config_mod.ConfigError, match="profile"):
+        config_mod.load(environ={}, profile=str(tmp_path / "missing.json"))
+    assert config_mod.load(environ={}).profile == "auto"
