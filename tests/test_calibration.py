@@ -236,3 +236,18 @@ def test_the_server_refuses_a_profile_file_that_is_not_there(tmp_path):
     with pytest.raises(config_mod.ConfigError, match="profile"):
         config_mod.load(environ={}, profile=str(tmp_path / "missing.json"))
     assert config_mod.load(environ={}).profile == "auto"
+
+
+def test_calibrate_flags_state_their_defaults_and_bad_values_stop_before_loading(capsys):
+    import argparse
+
+    from proxyprefill import cli
+
+    parser = argparse.ArgumentParser()
+    cli._add_calibrate_flags(parser)
+    options = [action for action in parser._actions if action.dest != "help"]
+    assert len(options) == 16
+    for action in options:
+        assert "default" in action.help, action.dest
+    assert cli.main(["calibrate", "--chunk-size", "100", "--block-size", "64"]) == 2
+    assert "chunk_size" in capsys.readouterr().err
