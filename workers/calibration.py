@@ -7,7 +7,7 @@ On texts the package reaches offline (workers/corpus.py: a licence text and stan
 docstrings), every candidate prefills each text with sparse attention forced on
 (`dense_below_tokens=0`) and is measured against dense attention on the same tokens: NLL per
 token on each text (the target must hold on every text), attention-mass recall per layer, and
-causal sparsity. The search, in a fixed order so a model and seed always give the same profile:
+causal sparsity. The search, in a fixed order so a model and seed always give the same choice:
 
 1. dense, the baseline;
 2. for every (proxy groups, minimum budget) pair, gamma from the largest to the smallest, until a
