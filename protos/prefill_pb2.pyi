@@ -224,7 +224,7 @@ class Timings(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., estimate_seconds: _Optional[float] = ..., attention_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class Summary(_message.Message):
-    __slots__ = ("request_id", "num_tokens", "sparsity", "layer_sparsity", "timings", "kv_bytes", "peak_memory_bytes", "tokens_per_second", "attention_mode")
+    __slots__ = ("request_id", "num_tokens", "sparsity", "layer_sparsity", "timings", "kv_bytes", "peak_memory_bytes", "tokens_per_second", "attention_mode", "profile")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SPARSITY_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +234,7 @@ class Summary(_message.Message):
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MODE_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     num_tokens: int
     sparsity: float
@@ -243,7 +244,8 @@ class Summary(_message.Message):
     peak_memory_bytes: int
     tokens_per_second: float
     attention_mode: str
-    def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., sparsity: _Optional[float] = ..., layer_sparsity: _Optional[_Iterable[float]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., kv_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., attention_mode: _Optional[str] = ...) -> None: ...
+    profile: str
+    def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., sparsity: _Optional[float] = ..., layer_sparsity: _Optional[_Iterable[float]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., kv_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., attention_mode: _Optional[str] = ..., profile: _Optional[str] = ...) -> None: ...
 
 class PrefillEvent(_message.Message):
     __slots__ = ("accepted", "progress", "logits", "kv_chunk", "kv_handle", "summary")
@@ -428,7 +430,7 @@ class ServerLimits(_message.Message):
     def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_pending_tokens: _Optional[int] = ..., default_chunk_size: _Optional[int] = ..., min_chunk_size: _Optional[int] = ..., max_chunk_size: _Optional[int] = ..., default_lease_seconds: _Optional[int] = ..., max_lease_seconds: _Optional[int] = ..., kv_memory_cap_bytes: _Optional[int] = ..., max_kv_chunk_bytes: _Optional[int] = ..., max_logit_positions: _Optional[int] = ..., min_gamma: _Optional[float] = ..., min_budget_tokens_floor: _Optional[int] = ..., allowed_strides: _Optional[_Iterable[int]] = ..., default_attention_mode: _Optional[str] = ..., max_pipeline_stages: _Optional[int] = ..., shard_above_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_position_embeddings", "dtype", "rope_theta", "rope_scaling_json", "eos_token_ids", "limits", "num_workers", "server_version")
+    __slots__ = ("model_id", "architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_position_embeddings", "dtype", "rope_theta", "rope_scaling_json", "eos_token_ids", "limits", "num_workers", "server_version", "profile")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -444,6 +446,7 @@ class ModelInfo(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     architecture: str
     num_layers: int
@@ -459,4 +462,5 @@ class ModelInfo(_message.Message):
     limits: ServerLimits
     num_workers: int
     server_version: str
-    def __init__(self, model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., dtype: _Optional[str] = ..., rope_theta: _Optional[float] = ..., rope_scaling_json: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., num_workers: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
+    profile: str
+    def __init__(self, model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., dtype: _Optional[str] = ..., rope_theta: _Optional[float] = ..., rope_scaling_json: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., num_workers: _Optional[int] = ..., server_version: _Optional[str] = ..., profile: _Optional[str] = ...) -> None: ...

@@ -6,6 +6,7 @@
     proxyprefill info --server HOST:PORT
     proxyprefill demo        # the service in-process on the default model: prefill a document, fetch, decode
     proxyprefill batch --input docs.jsonl|docs.parquet|FOLDER --output DIR [--emit kv,nll,logits,stats] ...
+    proxyprefill calibrate [--model PATH] [--out FILE] [--target-delta-nll 0.02] ...  # a per-model profile
 
 Client commands read a bearer token from --token or PROXYPREFILL_TOKEN, and a CA certificate for
 TLS from --tls-ca.
@@ -348,6 +349,134 @@ def cmd_batch(args) -> int:
     return 0
 
 
+# calibrate -----------------------------------------------------------------------------------
+def cmd_calibrate(args) -> int:
+    import torch
+
+    from proxyprefill.workers import calibration, profiles
+    from proxyprefill.workers.engine import PrefillEngine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        params = profiles.CalibrationParameters(
+            target_delta_nll=args.target_delta_nll,
+            tokens=args.tokens,
+            chunk_size=args.chunk_size,
+            block_size=args.block_size,
+            gammas=tuple(args.gammas),
+            proxy_groups=tuple(args.proxy_groups),
+            min_budget_tokens=tuple(args.min_budget_tokens),
+            per_layer_gamma=args.per_layer_gamma,
+            dense_below_tokens=args.dense_below_tokens,
+            seed=args.seed,
+        )
+    except ValueError as error:
+        print(f"calibrate: {error}", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    engine = PrefillEngine.from_pretrained(
+        args.model, device=args.device, dtype=dtype, backend=args.backend, profile=profiles.NONE
+    )
+    if engine.tokenizer is None:
+        print(
+            f"calibrate: {engine.model_info.model_id} has no tokenizer to read the texts with",
+            file=sys.stderr,
+        )
+        return 2
+    encode = lambda text: engine.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    texts = calibration.calibration_texts(encode, params.tokens)
+    info = engine.model_info
+    print(
+        f"calibrating {info.model_id} on {engine.device}: {len(texts)} texts of {params.tokens} tokens, "
+        f"target ΔNLL <= {params.target_delta_nll} on every text",
+        file=sys.stderr,
+    )
+    profile = calibration.calibrate(engine, texts, params, progress=lambda line: print(line, file=sys.stderr))
+    out = Path(args.out) if args.out else profiles.default_profile_path(info)
+    profile.save(out)
+    print(calibration.describe(profile))
+    if args.out:
+        print(f"wrote {out}; serve it with `proxyprefill serve --profile {out}`")
+    else:
+        print(f"wrote {out}; the engine and `proxyprefill serve` load it by default for this model")
+    return 0
+
+
+def _add_calibrate_flags(parser: argparse.ArgumentParser) -> None:
+    from proxyprefill.workers.profiles import CalibrationParameters
+
+    defaults = CalibrationParameters()
+    add = parser.add_argument
+    add("--model", default=None, help="HF directory or .gguf (default: the embedded SmolLM2)")
+    add(
+        "--out",
+        default=None,
+        help="profile file to write (default: the model's profile under $PROXYPREFILL_CACHE/profiles, "
+        "which the engine and the service load by default)",
+    )
+    add(
+        "--target-delta-nll",
+        type=float,
+        default=defaults.target_delta_nll,
+        help="largest NLL increase per token against dense, on every text (default %(default)s)",
+    )
+    add("--tokens", type=int, default=defaults.tokens, help="tokens of each text (default %(default)s)")
+    add("--chunk-size", type=int, default=defaults.chunk_size, help="prefill chunk (default %(default)s)")
+    add("--block-size", type=int, default=defaults.block_size, help="mask block (default %(default)s)")
+    add(
+        "--gammas",
+        type=float,
+        nargs="+",
+        default=list(defaults.gammas),
+        help="gamma values tried (default %(default)s)",
+    )
+    add(
+        "--proxy-groups",
+        type=int,
+        nargs="+",
+        default=list(defaults.proxy_groups),
+        help="proxy-head counts tried (default: 1 and the model's KV-head count)",
+    )
+    add(
+        "--min-budget-tokens",
+        type=int,
+        nargs="+",
+        default=list(defaults.min_budget_tokens),
+        help="minimum budgets tried, in tokens (default %(default)s)",
+    )
+    add(
+        "--no-per-layer-gamma",
+        dest="per_layer_gamma",
+        action="store_false",
+        help="try only one gamma for all layers (default: also per-layer gammas)",
+    )
+    add(
+        "--dense-below-tokens",
+        type=int,
+        default=defaults.dense_below_tokens,
+        help="dense_below_tokens written into the profile; calibration itself runs every text sparse "
+        "(default %(default)s, the H100 crossover)",
+    )
+    add(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="seed of the sampled recall rows (default %(default)s)",
+    )
+    add("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="model dtype (default: bfloat16 on cuda, float32 on cpu)",
+    )
+    add(
+        "--backend", choices=["auto", "torch", "triton"], default="auto", help="kernels (default %(default)s)"
+    )
+    add("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="proxyprefill", description="Long-context prefill service (ProxyAttn)"
@@ -407,6 +536,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     _add_batch_flags(batch)
     batch.set_defaults(run=cmd_batch)
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="measure ProxyAttn settings against dense on offline texts; write the model's profile",
+        description="Pick the ProxyAttn settings with the highest sparsity whose NLL stays within "
+        "--target-delta-nll of dense on every calibration text, and write them with the measured "
+        "figures as a profile; when none qualifies the profile keeps dense attention and says so.",
+    )
+    _add_calibrate_flags(calibrate)
+    calibrate.set_defaults(run=cmd_calibrate)
 
     args = parser.parse_args(argv)
     return args.run(args)

@@ -76,6 +76,12 @@ class ServerConfig:
     model: str | None = option(
         None, "Hugging Face model directory or .gguf file; unset = the embedded SmolLM2"
     )
+    profile: str = option(
+        "auto",
+        "calibrated ProxyAttn profile for requests that set no attention settings: auto (the "
+        "model's profile written by `proxyprefill calibrate`, when there is one), none, or a "
+        "profile file (refused when it is for another model)",
+    )
     attention: str = option("proxy", "default attention mode of requests: proxy or dense")
     device: str | None = option(
         None, "torch device of the workers (cpu, cuda, cuda:N); unset = cuda when present"
@@ -175,6 +181,11 @@ class ServerConfig:
         need(self.device is None or _is_torch_device(self.device), "device", "must be cpu, cuda or cuda:N")
         need(self.log_level in LOG_LEVELS, "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
         need(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port", "must be a port")
+        need(
+            self.profile in ("auto", "none") or Path(self.profile).is_file(),
+            "profile",
+            "must be 'auto', 'none' or a readable profile file",
+        )
         need(
             self.dtype in (None, "float32", "float16", "bfloat16"),
             "dtype",

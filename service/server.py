@@ -494,11 +494,14 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         key = uuid.uuid4().hex
         keep_handle = new_handle() if plan.kv_return != "none" else None
         kept = False  # KV stored on the worker that no lease owns yet
+        # a request that chose no attention settings runs the worker's defaults: its calibrated
+        # profile when it has one (sharded stages have none, so they always get the settings)
+        worker_defaults = not plan.attention_chosen and stages == 1
         options = {
             "chunk_size": plan.chunk_size,
             "logits": plan.logits,
-            "attention": plan.attention,
-            "config": plan.proxy_config.to_dict(),
+            "attention": None if worker_defaults else plan.attention,
+            "config": None if worker_defaults else plan.proxy_config.to_dict(),
             "keep_handle": keep_handle,
             "stages": stages,  # read by the sharded route only
         }
@@ -655,6 +658,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             peak_memory_bytes=result["peak_memory_bytes"],
             tokens_per_second=rate,
             attention_mode=result["attention"],
+            profile=result.get("profile", ""),  # the sharded route reports none
         )
 
     async def _worker_kv(self, worker: int, handle: str, max_chunk_bytes: int, plan=None, request=None):
@@ -875,6 +879,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             eos_token_ids=eos_ids,
             num_workers=len(self.pool.actors),
             server_version=__version__,
+            profile=info.get("profile", ""),
             limits=pb.ServerLimits(
                 max_prompt_tokens=limits.max_prompt_tokens,
                 max_pending_tokens=config.max_pending_tokens,
@@ -929,6 +934,7 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
 def engine_kwargs(config: ServerConfig) -> dict:
     return {
         "path": config.model,
+        "profile": config.profile,
         "attention": config.attention,
         "config": config.proxy_config(),
         "device": config.device,

@@ -106,6 +106,7 @@ class PrefillPlan:
     attention: str  # "proxy" | "dense"
     proxy_config: ProxyAttnConfig
     from_text: bool = False
+    attention_chosen: bool = False  # the request set the mode or a ProxyAttn field (no profile)
     pipeline_stages: int = 0  # 0 = the server's planner decides; N >= 1 forced by the request
     extra: dict = field(default_factory=dict)
 
@@ -176,6 +177,7 @@ def validate_prefill(
         attention=attention,
         proxy_config=proxy_config,
         from_text=from_text,
+        attention_chosen=bool(request.attention.ListFields()),
         pipeline_stages=request.pipeline_stages,
     )
 

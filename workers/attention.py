@@ -40,6 +40,8 @@ MODES = ("proxy", "dense")
 class PrefillContext:
     """What the attention function does during one prefill, and what it records.
 
+    layer_configs: one config per layer (a calibrated profile's per-layer gamma); None = `config`
+    in every layer.
     sparsity_sum[layer, head] accumulates (causal sparsity of the chunk) x (chunk tokens); the
     engine divides by the prompt length. Timings: CUDA event triples (start, estimated, done)
     per call on GPU, synchronised once at the end; perf_counter sums on CPU.
@@ -53,6 +55,7 @@ class PrefillContext:
     backend: str = "auto"
     observer: Callable | None = None
     fixed_density: float | None = None
+    layer_configs: tuple[ProxyAttnConfig, ...] | None = None
     sparsity_sum: torch.Tensor = field(init=False)
     events: list = field(default_factory=list)
     estimate_seconds: float = 0.0
@@ -133,6 +136,7 @@ def _fixed_density_override(density: float):
 
 
 def _proxy_chunk(ctx: PrefillContext, layer_idx, q, k, v, q_offset, scale):
+    config = ctx.config if ctx.layer_configs is None else ctx.layer_configs[layer_idx]
     start = ctx._mark()
     estimated = start  # a dense chunk has no estimation
 
@@ -145,7 +149,7 @@ def _proxy_chunk(ctx: PrefillContext, layer_idx, q, k, v, q_offset, scale):
         q,
         k,
         v,
-        ctx.config,
+        config,
         q_offset,
         scale,
         ctx.backend,

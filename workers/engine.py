@@ -31,9 +31,11 @@ import torch
 from proxyprefill.kernels.config import ProxyAttnConfig
 
 from . import attention as attention_mod
+from . import profiles as profiles_mod
 from .kv_cache import PreallocatedKVCache, to_dynamic_cache
 from .kv_files import KVHeader
 from .model import ModelInfo, load_model
+from .profiles import Profile
 
 
 class PrefillError(ValueError):
@@ -77,6 +79,7 @@ class PrefillResult:
     [len(logit_positions), vocab] or None. sparsity: float [L, Hq], the fraction of causal blocks
     skipped, token-weighted over chunks (dense chunks count as 0). Times in seconds;
     peak_memory_bytes is the CUDA max_memory_allocated increase during the prefill (None on CPU).
+    profile: the name of the calibrated profile whose settings served, "" when none did.
     """
 
     keys: list[torch.Tensor]
@@ -93,6 +96,7 @@ class PrefillResult:
     chunk_size: int = 0
     attention: str = "dense"
     token_nll: torch.Tensor | None = None
+    profile: str = ""
     extra: dict = field(default_factory=dict)
 
     @property
@@ -150,7 +154,12 @@ def token_tensor(token_ids, vocab_size: int, max_positions: int | None = None) -
 
 
 class PrefillEngine:
-    """A loaded model plus the settings of its prefill attention."""
+    """A loaded model plus the settings of its prefill attention.
+
+    profile: a calibrated Profile of this model (workers/profiles.py). Requests that choose
+    neither a config nor the attention mode run its settings; when it keeps dense attention (no
+    ProxyAttn setting met its quality target) the engine's default mode becomes dense.
+    """
 
     def __init__(
         self,
@@ -160,6 +169,7 @@ class PrefillEngine:
         attention: str = "proxy",
         config: ProxyAttnConfig | None = None,
         backend: str = "auto",
+        profile: Profile | None = None,
     ):
         if attention not in attention_mod.MODES:
             raise ValueError(f"attention must be one of {attention_mod.MODES}, got {attention!r}")
@@ -169,6 +179,11 @@ class PrefillEngine:
         self.attention = attention
         self.config = config or ProxyAttnConfig()
         self.backend = backend
+        self.profile = profile
+        if profile is not None:
+            profile.check_model(model_info)
+            if profile.settings.attention == "dense":
+                self.attention = "dense"
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self._base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -191,16 +206,22 @@ class PrefillEngine:
         dtype: torch.dtype | None = None,
         backend: str = "auto",
         model_id: str | None = None,
+        profile: str | os.PathLike | Profile | None = profiles_mod.AUTO,
     ) -> PrefillEngine:
         """Load a HF directory, a .gguf file, or (path None) the embedded SmolLM2.
 
         device None: cuda if available, else cpu. dtype None: bfloat16 on cuda, float32 on cpu.
+        profile: "auto" (the model's calibrated profile when one is in profiles_dir()), "none"
+        or None, a profile file, or a Profile (see profiles.resolve).
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         name = attention_mod.register()
         model, tokenizer, info = load_model(path, name, device, dtype, model_id=model_id)
-        return cls(model, tokenizer, info, attention=attention, config=config, backend=backend)
+        chosen = profiles_mod.resolve(profile, info)
+        return cls(
+            model, tokenizer, info, attention=attention, config=config, backend=backend, profile=chosen
+        )
 
     @classmethod
     def from_model(
@@ -211,8 +232,10 @@ class PrefillEngine:
         attention: str = "proxy",
         config: ProxyAttnConfig | None = None,
         backend: str = "auto",
+        profile: str | os.PathLike | Profile | None = None,
     ) -> PrefillEngine:
-        """Wrap an already built transformers causal LM (e.g. random weights from a config)."""
+        """Wrap an already built transformers causal LM (e.g. random weights from a config);
+        profile as in from_pretrained, but none unless asked for."""
         from .model import check_supported, model_info_from_config
 
         check_supported(model.config)
@@ -220,7 +243,10 @@ class PrefillEngine:
         model.eval()
         dtype = next(model.parameters()).dtype
         info = model_info_from_config(model.config, model_id, dtype)
-        return cls(model, tokenizer, info, attention=attention, config=config, backend=backend)
+        chosen = profiles_mod.resolve(profile, info)
+        return cls(
+            model, tokenizer, info, attention=attention, config=config, backend=backend, profile=chosen
+        )
 
     # validation ------------------------------------------------------------------------------
     def _token_tensor(self, token_ids) -> torch.Tensor:
@@ -277,6 +303,35 @@ class PrefillEngine:
             self.model_info, num_tokens=int(ids.numel()), token_sha256=token_ids_sha256(ids)
         )
 
+    def _attention_settings(self, attention, config):
+        """(mode, config, per-layer configs or None, profile name) for one request: what the
+        request chose, else the profile's settings, else the engine's own. The profile name is
+        "" unless the profile's settings served."""
+        mode = attention or self.attention
+        if mode not in attention_mod.MODES:
+            raise PrefillError(f"attention must be one of {attention_mod.MODES}, got {mode!r}")
+        profile_name = ""
+        if config is None and attention != "dense" and self.profile is not None:
+            settings = self.profile.settings
+            config = settings.layer_configs(self.model_info.num_layers)
+            if mode == "proxy" or settings.attention == "dense":
+                profile_name = self.profile.name
+        config = self.config if config is None else config
+        if isinstance(config, ProxyAttnConfig):
+            return mode, config, None, profile_name
+        if not isinstance(config, list | tuple) or not all(isinstance(c, ProxyAttnConfig) for c in config):
+            raise PrefillError(
+                f"config must be a ProxyAttnConfig or one per layer, got {type(config).__name__}"
+            )
+        if len(config) != self.model_info.num_layers:
+            raise PrefillError(
+                f"config has {len(config)} per-layer settings; "
+                f"the model has {self.model_info.num_layers} layers"
+            )
+        if len({c.block_size for c in config}) > 1:
+            raise PrefillError("per-layer configs must share one block_size (the chunk grid)")
+        return mode, config[0], tuple(config), profile_name
+
     # the prefill -----------------------------------------------------------------------------
     @contextlib.contextmanager
     def _stop_between_layers(self, should_stop: Callable[[], bool] | None):
@@ -303,7 +358,7 @@ class PrefillEngine:
         token_ids: Sequence[int] | torch.Tensor,
         chunk_size: int = 8192,
         logits: str | range | Sequence[int] = "last",
-        config: ProxyAttnConfig | None = None,
+        config: ProxyAttnConfig | Sequence[ProxyAttnConfig] | None = None,
         progress: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         attention_observer: Callable | None = None,
@@ -313,7 +368,8 @@ class PrefillEngine:
     ) -> PrefillResult:
         """Run the prompt through the model in chunks; see PrefillResult.
 
-        config overrides the engine's ProxyAttnConfig for this request, attention its mode.
+        config overrides the engine's ProxyAttnConfig (or its profile's settings) for this request:
+        one config, or one per layer (same block size); attention overrides its mode.
         progress(tokens_done, total) is called after each chunk; should_stop() is checked before
         each chunk and each decoder layer (one chunk may cover a whole prompt) and raises
         PrefillCancelled when it returns True. attention_observer(layer,
@@ -322,23 +378,19 @@ class PrefillEngine:
         models whose attention is near uniform). token_nll=True also scores every next token
         (PrefillResult.token_nll), chunk by chunk.
         """
-        mode = attention or self.attention
-        if mode not in attention_mod.MODES:
-            raise PrefillError(f"attention must be one of {attention_mod.MODES}, got {mode!r}")
-        config = config or self.config
-        if not isinstance(config, ProxyAttnConfig):
-            raise PrefillError(f"config must be a ProxyAttnConfig, got {type(config).__name__}")
+        mode, config, layer_configs, profile_name = self._attention_settings(attention, config)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
             raise PrefillError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         if mode == "proxy" and chunk_size % config.block_size:
             raise PrefillError(
                 f"chunk_size ({chunk_size}) must be a multiple of block_size ({config.block_size})"
             )
-        if mode == "proxy" and self.model_info.num_kv_heads % config.proxy_groups:
-            raise PrefillError(
-                f"proxy_groups ({config.proxy_groups}) must divide the model's KV heads "
-                f"({self.model_info.num_kv_heads})"
-            )
+        for layer_config in layer_configs or (config,):
+            if mode == "proxy" and self.model_info.num_kv_heads % layer_config.proxy_groups:
+                raise PrefillError(
+                    f"proxy_groups ({layer_config.proxy_groups}) must divide the model's KV heads "
+                    f"({self.model_info.num_kv_heads})"
+                )
         if fixed_density is not None and not (0.0 < float(fixed_density) <= 1.0):
             raise PrefillError(f"fixed_density must be in (0, 1], got {fixed_density!r}")
         ids = self._token_tensor(token_ids)
@@ -365,6 +417,7 @@ class PrefillEngine:
         ctx = attention_mod.PrefillContext(
             mode=mode,
             config=config,
+            layer_configs=layer_configs,
             num_layers=info.num_layers,
             num_heads=info.num_heads,
             device=self.device,
@@ -419,6 +472,7 @@ class PrefillEngine:
             chunk_size=chunk_size,
             attention=mode,
             token_nll=None if nll is None else nll.cpu(),
+            profile=profile_name,
         )
 
     def _score_next_tokens(

@@ -272,6 +272,7 @@ class PrefillWorker(StreamingPrefills):
             device=str(self.engine.device),
             has_tokenizer=self.engine.tokenizer is not None,
             torch_threads=torch.get_num_threads(),
+            profile=self.engine.profile.name if self.engine.profile is not None else "",
         )
         return info
 
@@ -294,7 +295,8 @@ class PrefillWorker(StreamingPrefills):
     # prefill ---------------------------------------------------------------------------------
     def prefill(self, key: str, token_ids: np.ndarray, options: dict):
         """Streaming generator; see the module docstring. options: chunk_size, logits, attention,
-        config (ProxyAttnConfig dict), keep_handle (str or None: where to keep the KV)."""
+        config (ProxyAttnConfig dict), keep_handle (str or None: where to keep the KV). attention
+        and config None: the engine's defaults, i.e. its calibrated profile when it has one."""
         import torch
 
         from proxyprefill.kernels.config import ProxyAttnConfig
@@ -307,7 +309,7 @@ class PrefillWorker(StreamingPrefills):
                 torch.from_numpy(np.array(token_ids, dtype=np.int64)),  # a writable copy
                 chunk_size=options["chunk_size"],
                 logits=options["logits"],
-                config=ProxyAttnConfig.from_dict(options["config"]),
+                config=None if options["config"] is None else ProxyAttnConfig.from_dict(options["config"]),
                 attention=options["attention"],
                 progress=progress,
                 should_stop=stop.is_set,
@@ -351,6 +353,7 @@ class PrefillWorker(StreamingPrefills):
             "kv_bytes": int(result.kv_bytes),
             "header": header,
             "attention": result.attention,
+            "profile": result.profile,
         }
 
     # KV --------------------------------------------------------------------------------------
