@@ -523,6 +523,9 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                             )
                         else:
                             result = item
+                            # from here the worker holds the KV: a cancellation anywhere before
+                            # the lease owns it (the admission turn's exit included) must free it
+                            kept = keep_handle is not None and item["kind"] == "result"
                 except asyncio.CancelledError:
                     self.metrics.cancelled.inc()
                     log.info("prefill cancelled request_id=%s", plan.request_id)
@@ -533,7 +536,6 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                     if failure.code == grpc.StatusCode.UNAVAILABLE:  # lost: route around it until
                         self.admission.set_available(worker, False)  # the watch hears from it again
                     raise failure from None
-            kept = keep_handle is not None and result is not None and result["kind"] == "result"
             if result is None or result["kind"] == "cancelled":
                 raise RequestError(grpc.StatusCode.CANCELLED, "prefill was cancelled on its worker")
             if result["kind"] == "error":
