@@ -64,6 +64,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PrefillService"].full_name
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 _SWEEP_SECONDS = 1.0
 _WATCH_SECONDS = 1.0  # how often every worker is pinged
+# how a streaming call ends under its handler: cancelled while it waits on work (CancelledError),
+# or closed by the handler while one of its events was being sent (GeneratorExit, see wire.py)
+_CALL_ENDED = (asyncio.CancelledError, GeneratorExit)
 _CLEANUP_SECONDS = 60.0  # how long a stop waits for cancelled prefills to free their work and KV
 
 _REQUEST_ERRORS = (RequestError, LeaseError, AdmissionError, AuthError)
@@ -436,13 +439,14 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                     pipeline_stages=stages,
                 )
             )
-            async for event in self._run_prefill(
-                plan, ticket, worker_name, principal, reservation, accepted_at, stages
-            ):
-                yield event
+            async with contextlib.aclosing(
+                self._run_prefill(plan, ticket, worker_name, principal, reservation, accepted_at, stages)
+            ) as events:
+                async for event in events:
+                    yield event
         except _REQUEST_ERRORS as error:
             await self._abort(context, "Prefill", error.code, error.message)
-        except asyncio.CancelledError:
+        except _CALL_ENDED:
             self.metrics.requests.labels("Prefill", "CANCELLED").inc()
             raise
         else:
@@ -526,7 +530,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                             # from here the worker holds the KV: a cancellation anywhere before
                             # the lease owns it (the admission turn's exit included) must free it
                             kept = keep_handle is not None and item["kind"] == "result"
-                except asyncio.CancelledError:
+                except _CALL_ENDED:
                     self.metrics.cancelled.inc()
                     log.info("prefill cancelled request_id=%s", plan.request_id)
                     await self._abandon(worker, key, keep_handle)

@@ -19,6 +19,7 @@ unary call is one message followed by the end of the stream on the wire.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -98,10 +99,16 @@ def generic_handler(
         return grpc.stream_unary_rpc_method_handler(handle, response_serializer=method.serialize)
 
     def streaming(method: Method):
+        # A coroutine that writes, not an async generator that grpc drains: grpc never closes a
+        # generator it stops draining, so a call cancelled while a response was being sent left
+        # the method suspended at its `yield`, its cleanup put off to garbage collection (never,
+        # once a stopping server's loop ends). Here the cancellation lands in this task and
+        # `aclosing` runs the method's cleanup in it, before the call counts as ended.
         async def handle(_requests, context):
             request = await one_request(method, context)
-            async for response in method.behaviour(request, context):
-                yield response
+            async with contextlib.aclosing(method.behaviour(request, context)) as responses:
+                async for response in responses:
+                    await context.write(response)
 
         return grpc.stream_stream_rpc_method_handler(handle, response_serializer=method.serialize)
 
