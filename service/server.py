@@ -533,7 +533,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                 except _CALL_ENDED:
                     self.metrics.cancelled.inc()
                     log.info("prefill cancelled request_id=%s", plan.request_id)
-                    await self._abandon(worker, key, keep_handle)
+                    await wire.finish_despite_cancellation(self._abandon(worker, key, keep_handle))
                     raise
                 except Exception as error:
                     failure = _ray_error(error)
@@ -596,7 +596,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         finally:
             if kept:  # cancelled or failed after the worker kept KV: nobody owns it
                 with contextlib.suppress(Exception):
-                    await self.pool.release(worker, keep_handle)
+                    await wire.finish_despite_cancellation(self.pool.release(worker, keep_handle))
             self._prefills.discard(handler)
 
     async def _abandon(self, worker: int, key: str, keep_handle: str | None) -> None:

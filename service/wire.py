@@ -19,7 +19,6 @@ unary call is one message followed by the end of the stream on the wire.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -76,6 +75,21 @@ async def read_one_message(context: grpc.aio.ServicerContext, request_type: type
         ) from None
 
 
+async def finish_despite_cancellation(cleanup: Awaitable):
+    """Awaits `cleanup` to its end even when the calling task is cancelled again meanwhile, and
+    returns its result. grpc can cancel a call's task more than once; cleanup that frees KV or
+    stops a worker's prefill must not be cut short by the second cancellation, which would leave
+    what it frees owned by nobody. Used on paths already ending by cancellation or error."""
+    task = asyncio.ensure_future(cleanup)
+    while True:
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise  # the cleanup itself was cancelled
+            # cancelled again while the cleanup runs: keep waiting for it
+
+
 def generic_handler(
     service_name: str, methods: list[Method], identify: Identify, refuse: Refuse
 ) -> grpc.GenericRpcHandler:
@@ -102,13 +116,16 @@ def generic_handler(
         # A coroutine that writes, not an async generator that grpc drains: grpc never closes a
         # generator it stops draining, so a call cancelled while a response was being sent left
         # the method suspended at its `yield`, its cleanup put off to garbage collection (never,
-        # once a stopping server's loop ends). Here the cancellation lands in this task and
-        # `aclosing` runs the method's cleanup in it, before the call counts as ended.
+        # once a stopping server's loop ends). Here the cancellation lands in this task, which
+        # closes the method and waits for its cleanup before the call counts as ended.
         async def handle(_requests, context):
             request = await one_request(method, context)
-            async with contextlib.aclosing(method.behaviour(request, context)) as responses:
+            responses = method.behaviour(request, context)
+            try:
                 async for response in responses:
                     await context.write(response)
+            finally:
+                await finish_despite_cancellation(responses.aclose())
 
         return grpc.stream_stream_rpc_method_handler(handle, response_serializer=method.serialize)
 

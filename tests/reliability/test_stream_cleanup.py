@@ -3,7 +3,8 @@
 grpc drains a handler written as an async generator but never closes it: a call cancelled while
 one of its responses was being sent leaves the generator suspended at `yield`, and its `finally`
 (which frees KV in the real server) is put off to garbage collection, after the call has ended
-and after a stopping server stopped waiting for it."""
+and after a stopping server stopped waiting for it. grpc may also cancel the call's task again
+while that cleanup awaits (freeing KV awaits the worker): the cleanup must still finish."""
 
 import asyncio
 import threading
@@ -68,3 +69,30 @@ def test_a_cancelled_stream_cleans_up_inside_its_call():
         asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+def test_cleanup_outlives_repeated_cancellation():
+    finished = []
+
+    async def cleanup():
+        await asyncio.sleep(0.2)
+        finished.append(True)
+        return "done"
+
+    async def call():
+        try:
+            await asyncio.sleep(10)
+        finally:
+            await wire.finish_despite_cancellation(cleanup())
+
+    async def main():
+        task = asyncio.ensure_future(call())
+        await asyncio.sleep(0.01)
+        for _ in range(3):  # cancelled, then cancelled again while the cleanup runs
+            task.cancel()
+            await asyncio.sleep(0.03)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert finished == [True]
