@@ -128,7 +128,7 @@ def test_stages_read_only_their_share_of_a_tied_checkpoint(tmp_path, tokens):
         for s, (start, stop) in enumerate([(0, 1), (1, 3)])
     ]
     assert [len(stage.layers) for stage in stages] == [1, 2]
-    assert stages[0].lm_head is None and stages[1].embed is None
+    assert stages[0].runner.lm_head is None and stages[1].runner.embed is None
     for stage in stages:
         stage.begin("r", PROMPT)
     for c, q0 in enumerate(range(0, PROMPT, CHUNK)):

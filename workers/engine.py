@@ -18,9 +18,6 @@ Input is validated before any compute (PrefillError, a ValueError, whose message
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import operator
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -36,10 +33,11 @@ from .kv_cache import PreallocatedKVCache, to_dynamic_cache
 from .kv_files import KVHeader
 from .model import ModelInfo, load_model
 from .profiles import Profile
+from .request import PrefillError, PrefillRequest, build_request, token_ids_sha256, token_tensor
+from .runner import ModelRunner, PrefillCancelled
 
-
-class PrefillError(ValueError):
-    """A prefill request that cannot run (empty, out-of-vocabulary ids, too long, bad options)."""
+# the engine's API names these too
+__all__ = ["PrefillCancelled", "PrefillEngine", "PrefillError", "PrefillResult", "token_tensor"]
 
 
 # Rows of LM-head logits scored at once for token_nll: at most 2**26 float32 values (256 MiB),
@@ -49,16 +47,6 @@ NLL_SLICE_VALUES = 1 << 26
 
 def nll_slice_rows(vocab_size: int) -> int:
     return max(1, NLL_SLICE_VALUES // vocab_size)
-
-
-class PrefillCancelled(Exception):
-    """`should_stop()` returned True before a chunk or a layer; the partial work was dropped."""
-
-
-def token_ids_sha256(token_ids: torch.Tensor) -> str:
-    """sha256 of the token ids as int64 little-endian bytes (the KV header's prompt identity)."""
-    data = token_ids.detach().to("cpu", torch.int64).contiguous().numpy().astype("<i8", copy=False).tobytes()
-    return hashlib.sha256(data).hexdigest()
 
 
 def _available_memory_bytes(device: torch.device) -> int | None:
@@ -112,47 +100,6 @@ class PrefillResult:
         return to_dynamic_cache(self.keys, self.values)
 
 
-def token_tensor(token_ids, vocab_size: int, max_positions: int | None = None) -> torch.Tensor:
-    """Prompt token ids as a CPU int64 [N] tensor, or PrefillError naming what is wrong: text
-    instead of ids, non-integers, wrong shape, empty, outside the vocabulary, or (when
-    max_positions is given) longer than the model allows. Accepts lists, tuples, numpy arrays
-    and tensors of shape [N] or [1, N]."""
-    if isinstance(token_ids, torch.Tensor):
-        ids = token_ids.detach()
-        if ids.dim() == 2 and ids.shape[0] == 1:
-            ids = ids[0]
-        if ids.dim() != 1:
-            raise PrefillError(f"token_ids must be 1-D (or [1, N]), got shape {tuple(token_ids.shape)}")
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
-            raise PrefillError(f"token_ids must be integers, got {ids.dtype}")
-        ids = ids.to("cpu", torch.int64)
-    else:
-        if isinstance(token_ids, str | bytes):
-            raise PrefillError("token_ids must be a sequence of integers, not text; tokenize first")
-        if hasattr(token_ids, "__array__") and not isinstance(token_ids, list | tuple):
-            return token_tensor(torch.as_tensor(token_ids), vocab_size, max_positions)  # numpy arrays
-        values = []
-        for position, value in enumerate(token_ids):
-            try:
-                if isinstance(value, bool):
-                    raise TypeError
-                values.append(operator.index(value))  # int and numpy integers, not floats
-            except TypeError:
-                raise PrefillError(f"token id {value!r} at position {position} is not an integer") from None
-        ids = torch.tensor(values, dtype=torch.int64)
-    if ids.numel() == 0:
-        raise PrefillError("token_ids is empty; a prompt needs a non-empty sequence of token ids")
-    bad = ((ids < 0) | (ids >= vocab_size)).nonzero()
-    if bad.numel():
-        position = int(bad[0, 0])
-        raise PrefillError(
-            f"token id {int(ids[position])} at position {position} is outside the vocabulary ({vocab_size})"
-        )
-    if max_positions is not None and ids.numel() > max_positions:
-        raise PrefillError(f"prompt has {ids.numel()} tokens; the model allows at most {max_positions}")
-    return ids
-
-
 class PrefillEngine:
     """A loaded model plus the settings of its prefill attention.
 
@@ -186,8 +133,7 @@ class PrefillEngine:
                 self.attention = "dense"
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self._base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        self._lm_head = model.get_output_embeddings()
+        self.runner = ModelRunner.from_model(model)
         if model.config._attn_implementation != attention_mod.ATTENTION_NAME:
             raise ValueError(
                 f"model must be loaded with attn_implementation={attention_mod.ATTENTION_NAME!r} "
@@ -249,31 +195,6 @@ class PrefillEngine:
         )
 
     # validation ------------------------------------------------------------------------------
-    def _token_tensor(self, token_ids) -> torch.Tensor:
-        info = self.model_info
-        return token_tensor(token_ids, info.vocab_size, info.max_position_embeddings)
-
-    def _logit_positions(self, logits, num_tokens: int) -> list[int]:
-        if isinstance(logits, str):
-            choices = {"last": [num_tokens - 1], "all": list(range(num_tokens)), "none": []}
-            if logits not in choices:
-                raise PrefillError(
-                    f"logits must be 'last', 'all', 'none', a range or positions; got {logits!r}"
-                )
-            return choices[logits]
-        if logits is None:
-            return []
-        try:
-            positions = list(logits)
-        except TypeError:
-            raise PrefillError(
-                f"logits must be 'last', 'all', 'none', a range or positions; got {logits!r}"
-            ) from None
-        for p in positions:
-            if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < num_tokens:
-                raise PrefillError(f"logit position {p!r} is outside the prompt [0, {num_tokens})")
-        return positions
-
     def _check_memory(self, num_tokens: int, chunk_size: int, num_logits: int) -> None:
         """Refuse prompts whose KV cache and chunk activations cannot fit, before allocating."""
         info = self.model_info
@@ -303,13 +224,19 @@ class PrefillEngine:
             self.model_info, num_tokens=int(ids.numel()), token_sha256=token_ids_sha256(ids)
         )
 
-    def _attention_settings(self, attention, config):
-        """(mode, config, per-layer configs or None, profile name) for one request: what the
-        request chose, else the profile's settings, else the engine's own. The profile name is
-        "" unless the profile's settings served."""
+    def request(
+        self,
+        token_ids,
+        chunk_size: int = 8192,
+        logits="last",
+        config: ProxyAttnConfig | Sequence[ProxyAttnConfig] | None = None,
+        attention: str | None = None,
+        fixed_density: float | None = None,
+    ) -> tuple[PrefillRequest, str]:
+        """The checked request (workers/request.py) and the name of the profile whose settings
+        serve it ("" when none do): what the request chose, else the profile's settings, else the
+        engine's own."""
         mode = attention or self.attention
-        if mode not in attention_mod.MODES:
-            raise PrefillError(f"attention must be one of {attention_mod.MODES}, got {mode!r}")
         profile_name = ""
         if config is None and attention != "dense" and self.profile is not None:
             settings = self.profile.settings
@@ -317,41 +244,10 @@ class PrefillEngine:
             if mode == "proxy" or settings.attention == "dense":
                 profile_name = self.profile.name
         config = self.config if config is None else config
-        if isinstance(config, ProxyAttnConfig):
-            return mode, config, None, profile_name
-        if not isinstance(config, list | tuple) or not all(isinstance(c, ProxyAttnConfig) for c in config):
-            raise PrefillError(
-                f"config must be a ProxyAttnConfig or one per layer, got {type(config).__name__}"
-            )
-        if len(config) != self.model_info.num_layers:
-            raise PrefillError(
-                f"config has {len(config)} per-layer settings; "
-                f"the model has {self.model_info.num_layers} layers"
-            )
-        if len({c.block_size for c in config}) > 1:
-            raise PrefillError("per-layer configs must share one block_size (the chunk grid)")
-        return mode, config[0], tuple(config), profile_name
+        request = build_request(self.model_info, token_ids, chunk_size, logits, mode, config, fixed_density)
+        return request, profile_name
 
     # the prefill -----------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _stop_between_layers(self, should_stop: Callable[[], bool] | None):
-        """Checks `should_stop()` before every decoder layer while the block runs, so that a
-        cancelled prefill stops within a layer's time rather than a chunk's."""
-        if should_stop is None:
-            yield
-            return
-
-        def check(module, args):
-            if should_stop():
-                raise PrefillCancelled("prefill cancelled inside a chunk")
-
-        hooks = [layer.register_forward_pre_hook(check) for layer in self._base.layers]
-        try:
-            yield
-        finally:
-            for hook in hooks:
-                hook.remove()
-
     @torch.no_grad()
     def prefill(
         self,
@@ -378,28 +274,24 @@ class PrefillEngine:
         models whose attention is near uniform). token_nll=True also scores every next token
         (PrefillResult.token_nll), chunk by chunk.
         """
-        mode, config, layer_configs, profile_name = self._attention_settings(attention, config)
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-            raise PrefillError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-        if mode == "proxy" and chunk_size % config.block_size:
-            raise PrefillError(
-                f"chunk_size ({chunk_size}) must be a multiple of block_size ({config.block_size})"
-            )
-        for layer_config in layer_configs or (config,):
-            if mode == "proxy" and self.model_info.num_kv_heads % layer_config.proxy_groups:
-                raise PrefillError(
-                    f"proxy_groups ({layer_config.proxy_groups}) must divide the model's KV heads "
-                    f"({self.model_info.num_kv_heads})"
-                )
-        if fixed_density is not None and not (0.0 < float(fixed_density) <= 1.0):
-            raise PrefillError(f"fixed_density must be in (0, 1], got {fixed_density!r}")
-        ids = self._token_tensor(token_ids)
-        n = int(ids.numel())
-        positions = self._logit_positions(logits, n)
-        slice_rows = nll_slice_rows(self.model_info.vocab_size)
-        self._check_memory(n, chunk_size, len(positions) + (slice_rows if token_nll else 0))
+        request, profile_name = self.request(token_ids, chunk_size, logits, config, attention, fixed_density)
+        return self.run(request, profile_name, progress, should_stop, attention_observer, token_nll)
 
+    @torch.no_grad()
+    def run(
+        self,
+        request: PrefillRequest,
+        profile_name: str = "",
+        progress: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        attention_observer: Callable | None = None,
+        token_nll: bool = False,
+    ) -> PrefillResult:
+        """Prefill a checked request (`request()`); the arguments as for `prefill`."""
         info = self.model_info
+        ids, n, positions = request.token_ids, request.num_tokens, request.logit_positions
+        slice_rows = nll_slice_rows(info.vocab_size)
+        self._check_memory(n, request.chunk_size, len(positions) + (slice_rows if token_nll else 0))
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
@@ -415,34 +307,27 @@ class PrefillEngine:
         wanted = torch.tensor(positions, dtype=torch.int64)
         nll = torch.empty(n - 1, dtype=torch.float32, device=self.device) if token_nll else None
         ctx = attention_mod.PrefillContext(
-            mode=mode,
-            config=config,
-            layer_configs=layer_configs,
+            mode=request.mode,
+            config=request.config,
+            layer_configs=request.layer_configs,
             num_layers=info.num_layers,
             num_heads=info.num_heads,
             device=self.device,
             backend=self.backend,
             observer=attention_observer,
-            fixed_density=fixed_density,
+            fixed_density=request.fixed_density,
         )
         device_ids = ids.to(self.device)
-        with attention_mod.active_context(ctx), self._stop_between_layers(should_stop):
-            for start in range(0, n, chunk_size):
+        with attention_mod.active_context(ctx):
+            for start, end in request.chunks():
                 if should_stop is not None and should_stop():
                     raise PrefillCancelled(f"prefill cancelled after {start} of {n} tokens")
-                end = min(n, start + chunk_size)
-                position_ids = torch.arange(start, end, device=self.device)[None]
-                hidden = self._base(
-                    input_ids=device_ids[None, start:end],
-                    position_ids=position_ids,
-                    past_key_values=cache,
-                    use_cache=True,
-                ).last_hidden_state[0]
+                hidden = self.runner.forward_chunk(device_ids[start:end], start, cache, should_stop)[0]
                 if out_logits is not None:
                     slots = ((wanted >= start) & (wanted < end)).nonzero().flatten()
                     if slots.numel():
                         rows = (wanted[slots] - start).to(self.device)
-                        out_logits[slots.to(self.device)] = self._lm_head(hidden[rows]).float()
+                        out_logits[slots.to(self.device)] = self.runner.logits(hidden[rows])
                 if nll is not None:
                     self._score_next_tokens(hidden, device_ids, start, nll, slice_rows)
                 del hidden
@@ -469,8 +354,8 @@ class PrefillEngine:
             total_seconds=total_s,
             peak_memory_bytes=peak,
             header=KVHeader.for_model(info, num_tokens=n, token_sha256=token_ids_sha256(ids)),
-            chunk_size=chunk_size,
-            attention=mode,
+            chunk_size=request.chunk_size,
+            attention=request.mode,
             token_nll=None if nll is None else nll.cpu(),
             profile=profile_name,
         )
@@ -483,7 +368,7 @@ class PrefillEngine:
         end = min(start + hidden.shape[0], ids.numel() - 1)  # the last token has no next one
         for row in range(start, end, slice_rows):
             stop = min(end, row + slice_rows)
-            logits = self._lm_head(hidden[row - start : stop - start]).float()
+            logits = self.runner.logits(hidden[row - start : stop - start])
             targets = ids[row + 1 : stop + 1]
             picked = logits.gather(1, targets[:, None])[:, 0]
             nll[row:stop] = torch.logsumexp(logits, dim=-1) - picked

@@ -44,12 +44,13 @@ import torch
 
 from ..kernels.config import ProxyAttnConfig
 from . import attention as attention_mod
-from .engine import PrefillError, PrefillResult, token_ids_sha256, token_tensor
+from .engine import PrefillResult
 from .kv_files import KVHeader
 from .model import ModelInfo
 from .pipeline_stage import PipelineStage
 from .pipeline_timeline import PipelineTimeline
 from .planner import InsufficientResources, balanced_layer_ranges, stage_bytes
+from .request import PrefillError, PrefillRequest, build_request, token_ids_sha256
 from .stage_model import StageSpec
 
 TRANSPORTS = ("object_store", "collective")
@@ -70,22 +71,6 @@ class StageUnavailableError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # The driver
 # --------------------------------------------------------------------------------------------
-def _logit_positions(logits, num_tokens: int) -> list[int]:
-    """The engine's `logits` argument: "last", "all", "none"/None, or absolute positions."""
-    if isinstance(logits, str):
-        choices = {"last": [num_tokens - 1], "all": list(range(num_tokens)), "none": []}
-        if logits not in choices:
-            raise PrefillError(f"logits must be 'last', 'all', 'none', a range or positions; got {logits!r}")
-        return choices[logits]
-    if logits is None:
-        return []
-    positions = list(logits)
-    for p in positions:
-        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < num_tokens:
-            raise PrefillError(f"logit position {p!r} is outside the prompt [0, {num_tokens})")
-    return positions
-
-
 class ShardedPrefill:
     """Prefill of one prompt over S pipeline stages, each a Ray actor holding a layer range.
 
@@ -208,37 +193,25 @@ class ShardedPrefill:
         result.extra: request_id, timeline (PipelineTimeline), ttft_s (submission to the last
         chunk's logits), kv_bytes (reserved on the stages), attempts, layer_ranges.
         """
-        # the engine's id checks; the prompt's length is bounded by the planner's memory check,
+        # the engine's checks; the prompt's length is bounded by the planner's memory check,
         # not by max_position_embeddings
-        tokens = token_tensor(token_ids, self.model_info.vocab_size)
-        mode, config = attention or self.attention, config or self.config
-        if mode not in attention_mod.MODES:
-            raise PrefillError(f"attention must be one of {attention_mod.MODES}, got {mode!r}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-            raise PrefillError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-        if mode == "proxy" and chunk_size % config.block_size:
-            raise PrefillError(
-                f"chunk_size ({chunk_size}) must be a multiple of block_size ({config.block_size})"
-            )
-        if fixed_density is not None and not 0.0 < float(fixed_density) <= 1.0:
-            raise PrefillError(f"fixed_density must be in (0, 1], got {fixed_density!r}")
-        positions = _logit_positions(logits, tokens.numel())
+        request = build_request(
+            self.model_info,
+            token_ids,
+            chunk_size,
+            logits,
+            attention or self.attention,
+            config or self.config,
+            fixed_density,
+            check_positions=False,
+        )
+        if request.layer_configs is not None:
+            raise PrefillError("config: a sharded prefill takes one ProxyAttnConfig for all layers")
         attempts = 2 if retry else 1
         for attempt in range(1, attempts + 1):
             rid = request_id or uuid.uuid4().hex
             try:
-                result = self._run(
-                    rid,
-                    tokens,
-                    chunk_size,
-                    positions,
-                    fixed_density,
-                    gather,
-                    timeout_s,
-                    window,
-                    on_chunk_done,
-                    (mode, config),
-                )
+                result = self._run(rid, request, gather, timeout_s, window, on_chunk_done)
             except StageUnavailableError:
                 if attempt == attempts:
                     raise
@@ -248,31 +221,21 @@ class ShardedPrefill:
             return result
         raise AssertionError("unreachable")
 
-    def _run(
-        self,
-        rid,
-        tokens,
-        chunk_size,
-        positions,
-        fixed_density,
-        gather,
-        timeout_s,
-        window,
-        on_chunk_done,
-        attention_settings=None,
-    ):
-        n = tokens.numel()
+    def _run(self, rid, request: PrefillRequest, gather, timeout_s, window, on_chunk_done):
+        tokens, n, chunk_size = request.token_ids, request.num_tokens, request.chunk_size
+        positions, mode, config = request.logit_positions, request.mode, request.config
         window = window or 2 * self.num_stages
         deadline = time.monotonic() + timeout_s
         started = time.perf_counter()
         num_chunks = math.ceil(n / chunk_size)
         collective = self.transport == "collective"
-        mode, config = attention_settings or (self.attention, self.config)
         self._check_fits(n, chunk_size, len(positions), deadline)  # refuse before allocating anything
         try:
             if collective:
                 self._ensure_group(deadline)
-            begins = [s.begin.remote(rid, n, fixed_density, mode, config.to_dict()) for s in self.stages]
+            begins = [
+                s.begin.remote(rid, n, request.fixed_density, mode, config.to_dict()) for s in self.stages
+            ]
             reserved = self._get(begins, deadline)
             outputs: list[torch.Tensor] = []
             pending: list[tuple[int, list]] = []

@@ -22,6 +22,7 @@ from .kv_cache import PreallocatedKVCache
 from .model import ModelInfo
 from .pipeline_timeline import ChunkRecord
 from .planner import ModelShape
+from .runner import ModelRunner
 from .stage_model import StageSpec, load_stage_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -56,12 +57,15 @@ class PipelineStage:
                 f"{info.num_layers} layers"
             )
         self.info = info
-        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        owned = list(base.layers)[spec.layer_start - first_built_layer : spec.layer_stop - first_built_layer]
-        self.layers = torch.nn.ModuleList(owned)
-        for local, layer in enumerate(self.layers):
-            layer.self_attn.layer_idx = local
-        self.rotary = base.rotary_emb
+        self.runner = ModelRunner.from_model(
+            model,
+            spec.layer_start,
+            spec.layer_stop,
+            first=self.is_first,
+            last=self.is_last,
+            built_from=first_built_layer,
+        )
+        self.layers = self.runner.layers
         text_config = (
             model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         )
@@ -69,13 +73,9 @@ class PipelineStage:
         self.shape = ModelShape.from_config(text_config, dtype_bytes=torch.finfo(self.dtype).bits // 8)
         self.memory_limit_bytes: int | None = None
         self.pending_send = None  # (work, tensor) of the collective transport's last send
-        self.embed = base.embed_tokens if self.is_first else None
-        self.norm = base.norm if self.is_last else None
-        self.lm_head = model.get_output_embeddings() if self.is_last else None
-        del model, base  # the other stages' layers go with them
-        for module in (self.layers, self.rotary, self.embed, self.norm, self.lm_head):
-            if module is not None:
-                module.to(self.device)
+        del model  # the other stages' layers go with it
+        for module in self.runner.modules:
+            module.to(self.device)
         self.config = ProxyAttnConfig.from_dict(spec.config) if spec.config else ProxyAttnConfig()
         self.caches: dict[str, PreallocatedKVCache] = {}
         self.contexts: dict[str, attention_mod.PrefillContext] = {}
@@ -260,26 +260,12 @@ class PipelineStage:
             payload = self._receive(num_tokens)
         start = time.time()  # compute starts once the input is here (waiting is not work)
         bytes_in = payload.numel() * payload.element_size()
-        if self.is_first:
-            hidden = self.embed(payload.to(self.device)[None])
-        else:
-            hidden = payload.to(self.device, self.dtype)
-        n = hidden.shape[1]
-        position_ids = torch.arange(q_offset, q_offset + n, device=self.device)[None]
-        position_embeddings = self.rotary(hidden, position_ids=position_ids)
+        inputs = payload.to(self.device) if self.is_first else payload.to(self.device, self.dtype)
         with attention_mod.active_context(context):
-            for layer in self.layers:
-                hidden = layer(
-                    hidden,
-                    attention_mask=None,
-                    position_ids=position_ids,
-                    past_key_values=cache,
-                    use_cache=True,
-                    position_embeddings=position_embeddings,
-                )
+            hidden = self.runner.forward_chunk(inputs, q_offset, cache)
         if self.is_last:
             rows = torch.tensor(logit_rows or [], dtype=torch.long, device=self.device)
-            out = self.lm_head(self.norm(hidden[0, rows])).float().cpu()
+            out = self.runner.logits(hidden[0, rows]).cpu()
             bytes_out = out.numel() * out.element_size()
         elif num_tokens is not None:
             self._send(hidden)

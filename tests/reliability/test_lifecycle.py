@@ -61,7 +61,7 @@ def status_of(call) -> grpc.RpcError:
 def test_stop_is_seen_between_layers_inside_one_chunk(model_dir):
     engine = PrefillEngine.from_pretrained(model_dir, attention="dense", device="cpu")
     layers_run = []
-    for index, layer in enumerate(engine._base.layers):
+    for index, layer in enumerate(engine.runner.layers):
         layer.register_forward_pre_hook(lambda module, args, index=index: layers_run.append(index))
     with pytest.raises(PrefillCancelled):  # one chunk covers the prompt: no check between chunks
         engine.prefill(prompt(300), chunk_size=8192, should_stop=lambda: len(layers_run) >= 2)
@@ -77,7 +77,7 @@ def test_a_missed_deadline_holds_slot_and_tokens_until_the_worker_has_stopped(se
         inside.set()
         gate.wait(30)
 
-    hook = worker.engine._base.layers[1].register_forward_pre_hook(hold_in_layer)
+    hook = worker.engine.runner.layers[1].register_forward_pre_hook(hold_in_layer)
     try:
         error = status_of(lambda: client.prefill(token_ids=prompt(600), kv="handle", timeout=0.5))
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -212,7 +212,7 @@ def test_prefills_reuse_a_few_threads(model_dir):
     config = _config(model_dir)
     worker = InProcessPool(engine_kwargs(config)).workers[0]
     threads = []  # the Thread objects themselves: an id could be reused once a thread is gone
-    worker.engine._base.layers[0].register_forward_pre_hook(
+    worker.engine.runner.layers[0].register_forward_pre_hook(
         lambda module, args: threads.append(threading.current_thread())
     )
     options = {
