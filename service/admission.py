@@ -19,12 +19,11 @@ from dataclasses import dataclass
 
 import grpc
 
+from .errors import ServiceError
 
-class AdmissionError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+
+class AdmissionError(ServiceError):
+    """Refused by admission: draining, queue full, or no worker up."""
 
 
 @dataclass

@@ -17,14 +17,13 @@ from pathlib import Path
 
 import grpc
 
+from .errors import ServiceError
+
 _PRINCIPAL = re.compile(r"[A-Za-z0-9._@-]{1,64}")  # used with fullmatch
 
 
-class AuthError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class AuthError(ServiceError):
+    """A caller without a valid token, or not allowed the call."""
 
 
 @dataclass(frozen=True)

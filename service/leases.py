@@ -24,15 +24,15 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from .errors import ServiceError
+
 HANDLE_PATTERN = re.compile(r"[0-9a-f]{32}")  # used with fullmatch: `$` would accept a trailing newline
 _FORGOTTEN_LIMIT = 65536  # how many released/expired handles keep their specific error message
 
 
-class LeaseError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class LeaseError(ServiceError):
+    """A lease refused: no memory left to reserve, or a handle that is malformed, unknown,
+    expired, released or another caller's."""
 
 
 @dataclass

@@ -20,6 +20,8 @@ import numpy as np
 from proxyprefill.kernels.config import BUDGET_POLICIES, ProxyAttnConfig
 from proxyprefill.protos import prefill_pb2 as pb
 
+from .errors import ServiceError
+
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # used with fullmatch
 
 KV_RETURNS = {
@@ -31,11 +33,8 @@ KV_RETURNS = {
 ATTENTION_MODES = {pb.ATTENTION_MODE_PROXY: "proxy", pb.ATTENTION_MODE_DENSE: "dense"}
 
 
-class RequestError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class RequestError(ServiceError):
+    """A request field that is wrong (validation.py)."""
 
 
 def invalid(message: str) -> RequestError:
