@@ -12,7 +12,7 @@ import math
 import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -107,7 +107,6 @@ class PrefillPlan:
     from_text: bool = False
     attention_chosen: bool = False  # the request set the mode or a ProxyAttn field (no profile)
     pipeline_stages: int = 0  # 0 = the server's planner decides; N >= 1 forced by the request
-    extra: dict = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
