@@ -324,10 +324,7 @@ class PrefillEngine:
                     raise PrefillCancelled(f"prefill cancelled after {start} of {n} tokens")
                 hidden = self.runner.forward_chunk(device_ids[start:end], start, cache, should_stop)[0]
                 if out_logits is not None:
-                    slots = ((wanted >= start) & (wanted < end)).nonzero().flatten()
-                    if slots.numel():
-                        rows = (wanted[slots] - start).to(self.device)
-                        out_logits[slots.to(self.device)] = self.runner.logits(hidden[rows])
+                    self._keep_logits(hidden, wanted, start, end, out_logits)
                 if nll is not None:
                     self._score_next_tokens(hidden, device_ids, start, nll, slice_rows)
                 del hidden
@@ -359,6 +356,13 @@ class PrefillEngine:
             token_nll=None if nll is None else nll.cpu(),
             profile=profile_name,
         )
+
+    def _keep_logits(self, hidden, wanted: torch.Tensor, start: int, end: int, out: torch.Tensor) -> None:
+        """out[i] = logits at prompt position wanted[i], for the wanted positions in [start, end)."""
+        slots = ((wanted >= start) & (wanted < end)).nonzero().flatten()
+        if slots.numel():
+            rows = (wanted[slots] - start).to(self.device)
+            out[slots.to(self.device)] = self.runner.logits(hidden[rows])
 
     def _score_next_tokens(
         self, hidden: torch.Tensor, ids: torch.Tensor, start: int, nll: torch.Tensor, slice_rows: int

@@ -33,7 +33,6 @@ has been restarted by Ray (`max_restarts`).
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -222,47 +221,23 @@ class ShardedPrefill:
         raise AssertionError("unreachable")
 
     def _run(self, rid, request: PrefillRequest, gather, timeout_s, window, on_chunk_done):
-        tokens, n, chunk_size = request.token_ids, request.num_tokens, request.chunk_size
-        positions, mode, config = request.logit_positions, request.mode, request.config
-        window = window or 2 * self.num_stages
+        tokens, n = request.token_ids, request.num_tokens
         deadline = time.monotonic() + timeout_s
         started = time.perf_counter()
-        num_chunks = math.ceil(n / chunk_size)
         collective = self.transport == "collective"
-        self._check_fits(n, chunk_size, len(positions), deadline)  # refuse before allocating anything
+        # refuse before allocating anything
+        self._check_fits(n, request.chunk_size, len(request.logit_positions), deadline)
         try:
             if collective:
                 self._ensure_group(deadline)
             begins = [
-                s.begin.remote(rid, n, request.fixed_density, mode, config.to_dict()) for s in self.stages
+                s.begin.remote(rid, n, request.fixed_density, request.mode, request.config.to_dict())
+                for s in self.stages
             ]
             reserved = self._get(begins, deadline)
-            outputs: list[torch.Tensor] = []
-            pending: list[tuple[int, list]] = []
-            for c in range(num_chunks):
-                q0, q1 = c * chunk_size, min(n, (c + 1) * chunk_size)
-                rows = [p - q0 for p in positions if q0 <= p < q1]
-                refs = []
-                payload = tokens[q0:q1].clone()
-                for s, stage in enumerate(self.stages):
-                    last = s == self.num_stages - 1
-                    if collective:  # hidden states go rank to rank; the driver only orders the calls
-                        refs.append(
-                            stage.forward.remote(
-                                rid, c, q0, payload if s == 0 else None, rows if last else None, q1 - q0
-                            )
-                        )
-                    else:  # the previous stage's output ref: Ray hands its value over when it is ready
-                        payload = stage.forward.remote(rid, c, q0, payload, rows if last else None)
-                        refs = [payload]
-                pending.append((c, refs))
-                # backpressure: wait for the oldest chunk once `window` are in flight, and drain at the end
-                while pending and (len(pending) >= window or c == num_chunks - 1):
-                    done_chunk, done_refs = pending.pop(0)
-                    outputs.append(self._get_first_failure(done_refs, deadline)[-1])
-                    del done_refs
-                    if on_chunk_done is not None:
-                        on_chunk_done(done_chunk)
+            outputs = self._stream_chunks(
+                rid, request, window or 2 * self.num_stages, deadline, on_chunk_done
+            )
             ttft = time.perf_counter() - started
             records = [
                 r for rs in self._get([s.timeline.remote(rid) for s in self.stages], deadline) for r in rs
@@ -286,38 +261,60 @@ class ShardedPrefill:
             else:
                 self.release(rid)
             raise
-        # the logits rows come back chunk by chunk (caller's order within a chunk); restore the
-        # caller's order overall
-        by_chunk = sorted(range(len(positions)), key=lambda i: positions[i] // chunk_size)
-        logits_out = None
-        if positions:
-            ordered = torch.cat(outputs, dim=0)
-            logits_out = torch.empty_like(ordered)
-            logits_out[torch.tensor(by_chunk)] = ordered
-        sparsity = torch.cat([sums for _, _, sums in stats], dim=0) / n
-        info = self.model_info
         return PrefillResult(
             keys=keys,
             values=values,
             token_ids=tokens,
-            logits=logits_out,
-            logit_positions=positions,
-            sparsity=sparsity,
+            logits=_in_callers_order(outputs, request),
+            logit_positions=request.logit_positions,
+            sparsity=torch.cat([sums for _, _, sums in stats], dim=0) / n,
             estimate_seconds=sum(e for e, _, _ in stats),
             attention_seconds=sum(a for _, a, _ in stats),
             total_seconds=time.perf_counter() - started,
             peak_memory_bytes=None,
-            header=KVHeader.for_model(info, num_tokens=n, token_sha256=token_ids_sha256(tokens)),
-            chunk_size=chunk_size,
-            attention=mode,
+            header=KVHeader.for_model(self.model_info, num_tokens=n, token_sha256=token_ids_sha256(tokens)),
+            chunk_size=request.chunk_size,
+            attention=request.mode,
             extra={
                 "request_id": rid,
-                "timeline": PipelineTimeline(records, self.num_stages, num_chunks),
+                "timeline": PipelineTimeline(records, self.num_stages, len(request.chunks())),
                 "ttft_s": ttft,
                 "kv_bytes": sum(reserved),
                 "layer_ranges": list(self.layer_ranges),
             },
         )
+
+    def _stream_chunks(self, rid, request: PrefillRequest, window: int, deadline: float, on_chunk_done):
+        """Sends every chunk through the stages, at most `window` chunks in flight; the last
+        stage's logits rows of each chunk, in chunk order."""
+        collective = self.transport == "collective"
+        positions = request.logit_positions
+        chunks = request.chunks()
+        outputs: list[torch.Tensor] = []
+        pending: list[tuple[int, list]] = []
+        for c, (q0, q1) in enumerate(chunks):
+            rows = [p - q0 for p in positions if q0 <= p < q1]
+            refs = []
+            payload = request.token_ids[q0:q1].clone()
+            for s, stage in enumerate(self.stages):
+                last = s == self.num_stages - 1
+                if collective:  # hidden states go rank to rank; the driver only orders the calls
+                    first_payload = payload if s == 0 else None
+                    refs.append(
+                        stage.forward.remote(rid, c, q0, first_payload, rows if last else None, q1 - q0)
+                    )
+                else:  # the previous stage's output ref: Ray hands its value over when it is ready
+                    payload = stage.forward.remote(rid, c, q0, payload, rows if last else None)
+                    refs = [payload]
+            pending.append((c, refs))
+            # backpressure: wait for the oldest chunk once `window` are in flight, and drain at the end
+            while pending and (len(pending) >= window or c == len(chunks) - 1):
+                done_chunk, done_refs = pending.pop(0)
+                outputs.append(self._get_first_failure(done_refs, deadline)[-1])
+                del done_refs
+                if on_chunk_done is not None:
+                    on_chunk_done(done_chunk)
+        return outputs
 
     def _get(self, refs, deadline: float):
         """ray.get with the request's deadline; stage deaths and timeouts become
@@ -499,6 +496,19 @@ class ShardedPrefill:
         for stage in self.stages:
             ray.kill(stage, no_restart=True)
         self.stages = []
+
+
+def _in_callers_order(outputs: list[torch.Tensor], request: PrefillRequest) -> torch.Tensor | None:
+    """The logits rows come back chunk by chunk, in the caller's order within a chunk: restore
+    the caller's order overall."""
+    positions = request.logit_positions
+    if not positions:
+        return None
+    by_chunk = sorted(range(len(positions)), key=lambda i: positions[i] // request.chunk_size)
+    ordered = torch.cat(outputs, dim=0)
+    logits = torch.empty_like(ordered)
+    logits[torch.tensor(by_chunk)] = ordered
+    return logits
 
 
 def _num_layers(source: str | dict | None) -> int:
