@@ -87,6 +87,33 @@ def _finish_order(Sorted, Order, num_key_blocks, first_causal, NKB: tl.constexpr
     tl.store(Order + offset, tl.where(cols < first_causal + m, idx, -1).to(tl.int32), mask=col_ok)
 
 
+def index_width(num_key_blocks: int) -> int:
+    """The NKB the index kernels are compiled for: key blocks rounded up to a power of two."""
+    return max(16, triton.next_power_of_2(num_key_blocks))
+
+
+def warm_up_key_lengths(first_sparse_keys: int, max_keys: int, block_size: int) -> list[int]:
+    """Contexts (in keys, multiples of block_size) that between them compile every variant of the
+    backend's kernels for contexts of first_sparse_keys..max_keys: the constexpr that follows the
+    length is the index kernels' NKB, so one context per power-of-two bucket of key blocks (the
+    bucket's largest, capped at max_keys). Integer length arguments are also specialised on
+    divisibility by 16, which a whole chunk and a ragged one at each context cover
+    (PrefillEngine.warm_up)."""
+    last = max_keys // block_size
+    first = -(-first_sparse_keys // block_size)
+    lengths, seen = [], set()
+    width = index_width(first)
+    while first <= last:
+        blocks = min(width, last)
+        if index_width(blocks) not in seen:
+            seen.add(index_width(blocks))
+            lengths.append(blocks * block_size)
+        if blocks == last:
+            break
+        width *= 2
+    return lengths
+
+
 def build_block_mask(
     scores: torch.Tensor,
     budgets: torch.Tensor,
@@ -105,7 +132,7 @@ def build_block_mask(
     budgets = budgets.contiguous()
     keyed = torch.empty_like(scores)
     counts = torch.empty(b, hq, mq, dtype=torch.int32, device=scores.device)
-    nkb_p2 = max(16, triton.next_power_of_2(nkb))
+    nkb_p2 = index_width(nkb)
     warps = 8 if nkb_p2 >= 2048 else 4
     kernel = _index_rows[(mq, b * g)](
         scores,

@@ -33,6 +33,7 @@ from proxyprefill.kernels import BACKENDS, ProxyAttnConfig
 
 ENV_PREFIX = "PROXYPREFILL_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+WARM_UP_MODES = ("auto", "on", "off")
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
@@ -94,6 +95,12 @@ class ServerConfig:
         None, "Ray cluster to join (auto, or HOST:PORT); unset = start Ray in-process"
     )
     ray_num_cpus: int | None = option(None, "CPUs of the in-process Ray; unset = Ray's own count")
+    warm_up: str = option(
+        "auto",
+        "warm each worker up at start (kernels compiled for the default chunk and every length "
+        "bucket up to max_prompt_tokens) before health reports SERVING: on, off, or auto (on for "
+        "GPU workers)",
+    )
     # sharded (pipeline) prefill: one prompt over several stage workers, each holding a layer range
     pipeline_workers: int = option(
         0,
@@ -205,6 +212,7 @@ class ServerConfig:
         need(self.max_alpha > 0, "max_alpha", "must be > 0")
         need(self.max_text_bytes >= 1, "max_text_bytes", "must be >= 1")
         need(self.max_prompt_tokens >= 0, "max_prompt_tokens", "must be >= 0")
+        need(self.warm_up in WARM_UP_MODES, "warm_up", f"must be one of {', '.join(WARM_UP_MODES)}")
         need(self.max_pending_tokens >= 1, "max_pending_tokens", "must be >= 1")
         need(
             1 <= self.min_chunk_size <= self.max_chunk_size,

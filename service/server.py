@@ -230,8 +230,15 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             )
         await server.start()
         self._server = server
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        # SERVING only once a worker is up and warmed up (WorkerState.ready); the watch turns it on
+        self._serving = await self._probe_workers()
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self._serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
         self._sweeper = asyncio.create_task(self._sweep_expired())
         self._watcher = asyncio.create_task(self._watch_workers())
         log.info(
@@ -307,15 +314,18 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                     await self.pool.release(self._worker_index(lease.worker), lease.handle)
             self._update_gauges()
 
-    async def _watch_workers(self) -> None:
+    async def _probe_workers(self) -> bool:
+        """One probe of every worker; True when a routable worker is available."""
         workers = range(len(self.pool.names))
-        routable = [w for w in workers if w != self.pipeline_index]
+        states = await asyncio.gather(*(self.pool.probe(worker) for worker in workers))
+        for worker, state in zip(workers, states, strict=True):
+            self._note_worker_state(worker, state)
+        return any(self.admission.available(w) for w in workers if w != self.pipeline_index)
+
+    async def _watch_workers(self) -> None:
         while True:
             try:
-                states = await asyncio.gather(*(self.pool.probe(worker) for worker in workers))
-                for worker, state in zip(workers, states, strict=True):
-                    self._note_worker_state(worker, state)
-                await self._set_serving(any(self.admission.available(w) for w in routable))
+                await self._set_serving(await self._probe_workers())
             except Exception:  # the watch must outlive any one bad round
                 log.exception("watching the workers")
             await asyncio.sleep(_WATCH_SECONDS)
@@ -338,9 +348,11 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                 self._update_gauges()
         if state.alive:
             self._incarnations[worker] = state.incarnation
-        if self.admission.available(worker) != state.alive:
-            log.warning("%s is %s", name, "back" if state.alive else "down")
-            self.admission.set_available(worker, state.alive)
+        usable = state.alive and state.ready
+        if self.admission.available(worker) != usable:
+            status = "warming up" if state.alive and not state.ready else "up" if usable else "down"
+            log.warning("%s is %s", name, status)
+            self.admission.set_available(worker, usable)
         if state.gone and worker not in self._replacing and worker != self.pipeline_index:
             self._replacing[worker] = asyncio.create_task(self._replace_worker(worker))
 
@@ -360,7 +372,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         status = statuses.SERVING if serving else statuses.NOT_SERVING
         await self.health.set("", status)
         await self.health.set(SERVICE_NAME, status)
-        log.warning("health: %s", "SERVING" if serving else "NOT_SERVING (no worker is up)")
+        log.warning("health: %s", "SERVING" if serving else "NOT_SERVING (no worker is up and warmed up)")
 
     # helpers ---------------------------------------------------------------------------------
     def _identify(self, context) -> Principal:
@@ -951,12 +963,15 @@ def engine_kwargs(config: ServerConfig) -> dict:
 
 def pool_kwargs(config: ServerConfig) -> dict:
     """WorkerPool.start's options from the server's configuration."""
+    from proxyprefill.workers.ray_pool import WarmUpPlan
+
     return {
         "num_workers": config.num_workers,
         "ray_address": config.ray_address,
         "ray_num_cpus": config.ray_num_cpus,
         "pipeline_workers": config.pipeline_workers,
         "pipeline_stage_memory_bytes": config.pipeline_stage_memory_bytes,
+        "warm_up": WarmUpPlan(config.warm_up, config.default_chunk_size, config.max_prompt_tokens),
     }
 
 

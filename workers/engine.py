@@ -100,6 +100,26 @@ class PrefillResult:
         return to_dynamic_cache(self.keys, self.values)
 
 
+@dataclass(frozen=True)
+class WarmUpReport:
+    """What `PrefillEngine.warm_up` ran and how long it took.
+
+    prompt_tokens: the synthetic prompt run through the whole model (0 when none fitted).
+    key_lengths: the contexts at which the sparse kernels alone ran one chunk (one per length
+    bucket the kernels are compiled for; empty off the Triton backend, which compiles nothing).
+    """
+
+    seconds: float
+    chunk_size: int
+    prompt_tokens: int
+    key_lengths: tuple[int, ...]
+
+
+# Tokens past the last whole chunk of the warm-up prompt: a ragged last chunk (not a multiple of
+# 16) takes the kernels' and the libraries' unaligned paths, as most real prompts' last chunk does.
+WARM_UP_TAIL = 77
+
+
 class PrefillEngine:
     """A loaded model plus the settings of its prefill attention.
 
@@ -246,6 +266,96 @@ class PrefillEngine:
         config = self.config if config is None else config
         request = build_request(self.model_info, token_ids, chunk_size, logits, mode, config, fixed_density)
         return request, profile_name
+
+    # warm-up ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def warm_up(
+        self,
+        chunk_size: int = 8192,
+        max_tokens: int | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> WarmUpReport:
+        """Compile and plan, before the first request, what a request of up to `max_tokens`
+        (default and cap: the model's max_position_embeddings) in chunks of `chunk_size` meets,
+        so that it runs at steady-state speed:
+
+        1. the model over a synthetic prompt of a dense first chunk, a sparse whole chunk and a
+           ragged last chunk (the libraries' plans, the LM head, both kernel alignments);
+        2. on the Triton backend, the sparse path of one chunk, whole and ragged, at one context
+           per length bucket the kernels are compiled for (`triton_index.warm_up_key_lengths`),
+           up to max_tokens, on scratch K/V (freed afterwards).
+
+        progress(message) is called after each step. Runs in the engine's own attention mode
+        and settings (its profile's, when it has one)."""
+        started = time.perf_counter()
+        info = self.model_info
+        # what a request that chooses nothing runs (the profile's settings when there is one);
+        # a one-token request checks chunk_size the way a real one would
+        default, _ = self.request([0], chunk_size, logits="none")
+        mode, config = default.mode, default.config
+        limit = info.max_position_embeddings
+        max_tokens = limit if not max_tokens else min(max_tokens, limit)
+        say = progress or (lambda message: None)
+
+        aligned = (config.dense_below_tokens // chunk_size + 2) * chunk_size
+        prompt = min(aligned + WARM_UP_TAIL, max_tokens)
+        ids = torch.randint(0, info.vocab_size, (prompt,), generator=torch.Generator().manual_seed(0))
+        self.prefill(ids, chunk_size=chunk_size, logits="last")
+        say(f"warm-up: model over {prompt} tokens in chunks of {chunk_size}")
+
+        key_lengths: list[int] = []
+        if mode == "proxy" and self._compiles_kernels():
+            from proxyprefill.kernels.triton_index import warm_up_key_lengths
+
+            key_lengths = warm_up_key_lengths(config.dense_below_tokens + 1, max_tokens, config.block_size)
+            self._warm_up_sparse_kernels(key_lengths, chunk_size, config, say)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - started
+        say(f"warm-up done in {seconds:.1f}s")
+        return WarmUpReport(
+            seconds=seconds, chunk_size=chunk_size, prompt_tokens=prompt, key_lengths=tuple(key_lengths)
+        )
+
+    def _compiles_kernels(self) -> bool:
+        """Whether this engine's chunks run the Triton kernels (compiled per shape)."""
+        from proxyprefill.kernels.registry import select_backend
+
+        probe = torch.empty(1, 1, 1, self.model_info.head_dim, dtype=self.dtype, device=self.device)
+        try:
+            return select_backend(self.backend, probe).name == "triton" and self.device.type == "cuda"
+        except ValueError:
+            return False
+
+    def _warm_up_sparse_kernels(self, key_lengths, chunk_size, config, say) -> None:
+        """One sparse chunk per context of `key_lengths`, whole and ragged (the kernels compile
+        a variant for lengths that are not multiples of 16), on K/V laid out as the cache's."""
+        from proxyprefill.kernels.chunk import attention_chunk
+
+        info = self.model_info
+        longest = max(key_lengths, default=0)
+        if not longest:
+            return
+        shape = (1, info.num_kv_heads, longest, info.head_dim)
+        try:
+            keys = torch.randn(shape, dtype=self.dtype, device=self.device)
+            values = torch.randn(shape, dtype=self.dtype, device=self.device)
+        except torch.cuda.OutOfMemoryError:
+            say(f"warm-up: no memory for {longest}-token scratch K/V; length buckets left cold")
+            return
+        for length in key_lengths:
+            whole = min(chunk_size, length)
+            q_offset = length - whole
+            for queries in {whole, max(1, whole - WARM_UP_TAIL)}:
+                q = torch.randn(
+                    1, info.num_heads, queries, info.head_dim, dtype=self.dtype, device=self.device
+                )
+                end = q_offset + queries
+                attention_chunk(
+                    q, keys[:, :, :end], values[:, :, :end], config, q_offset, backend=self.backend
+                )
+            say(f"warm-up: sparse kernels at {length} keys")
+        del keys, values
 
     # the prefill -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -144,10 +144,16 @@ class StreamingPrefills:
         self._outcomes = {"result": 0, "cancelled": 0, "error": 0}
         self._threads = ThreadPoolExecutor(PREFILL_THREADS, thread_name_prefix="prefill")
         self.incarnation = uuid.uuid4().hex
+        self.warmed_up = threading.Event()  # set once the actor runs requests at full speed
+        self.warmed_up.set()
 
     def ping(self) -> str:
         """This actor's incarnation (a restarted actor answers a new one)."""
         return self.incarnation
+
+    def probe_state(self) -> tuple[str, bool]:
+        """(incarnation, whether its start-up warm-up is over): what the server's watch reads."""
+        return self.incarnation, self.warmed_up.is_set()
 
     def _request(self, key: str) -> PrefillRequest:
         with self._lock:
@@ -242,10 +248,36 @@ def final_item(kind: str, value) -> dict:
     return {"kind": "error", "error": error, "message": message}
 
 
-class PrefillWorker(StreamingPrefills):
-    """The actor's body (wrapped with ray.remote by WorkerPool; usable directly in-process)."""
+@dataclass(frozen=True)
+class WarmUpPlan:
+    """The start-up warm-up a worker runs before it reports ready (PrefillEngine.warm_up).
 
-    def __init__(self, name: str, engine_kwargs: dict, torch_threads: int | None = None):
+    mode: "on", "off", or "auto" (on when the engine runs on CUDA, where kernels are compiled);
+    chunk_size: the chunk requests use by default; max_tokens: the longest prompt accepted
+    (0: the model's max_position_embeddings)."""
+
+    mode: str = "auto"
+    chunk_size: int = 8192
+    max_tokens: int = 0
+
+    def wanted(self, device_type: str) -> bool:
+        return self.mode == "on" or (self.mode == "auto" and device_type == "cuda")
+
+
+class PrefillWorker(StreamingPrefills):
+    """The actor's body (wrapped with ray.remote by WorkerPool; usable directly in-process).
+
+    With a WarmUpPlan the engine warms up in a thread after the model loads; until it is done
+    `probe_state` answers not ready (the server routes nothing to it and, with no other worker
+    ready, reports NOT_SERVING). A failed warm-up is logged and leaves the worker serving cold."""
+
+    def __init__(
+        self,
+        name: str,
+        engine_kwargs: dict,
+        torch_threads: int | None = None,
+        warm_up: WarmUpPlan | None = None,
+    ):
         import torch
 
         from proxyprefill.workers.engine import PrefillEngine
@@ -261,6 +293,24 @@ class PrefillWorker(StreamingPrefills):
         self._kv: dict[str, StoredKV] = {}
         self._fetching = 0  # fetches in flight, all handles
         self._reader_left = threading.Condition(self._lock)
+        self.warm_up_report = None  # engine.WarmUpReport once warmed up
+        self.warm_up_error = ""
+        if warm_up is not None and warm_up.wanted(self.engine.device.type):
+            self.warmed_up.clear()
+            threading.Thread(target=self._warm_up, args=(warm_up,), name="warm-up", daemon=True).start()
+
+    def _warm_up(self, plan: WarmUpPlan) -> None:
+        try:
+            self.warm_up_report = self.engine.warm_up(
+                plan.chunk_size,
+                plan.max_tokens or None,
+                progress=lambda message: log.info("%s %s", self.name, message),
+            )
+        except Exception as error:  # serve cold rather than not at all
+            self.warm_up_error = f"{type(error).__name__}: {error}"
+            log.exception("%s: warm-up failed; serving without it", self.name)
+        finally:
+            self.warmed_up.set()
 
     # description -----------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -289,6 +339,9 @@ class PrefillWorker(StreamingPrefills):
                 "fetching": self._fetching,
                 "threads": threading.active_count(),
                 "rss_bytes": resident_bytes(),
+                "warmed_up": self.warmed_up.is_set(),
+                "warm_up_seconds": None if self.warm_up_report is None else self.warm_up_report.seconds,
+                "warm_up_error": self.warm_up_error,
                 **{f"prefills_{kind}": count for kind, count in self._outcomes.items()},
             }
 
@@ -475,11 +528,13 @@ class PrefillWorker(StreamingPrefills):
 @dataclass
 class WorkerState:
     """What one probe of a worker found: `alive` when it answered, with its `incarnation`;
-    `gone` when it is dead for good (Ray will not restart it; the pool must replace it)."""
+    `gone` when it is dead for good (Ray will not restart it; the pool must replace it); `ready`
+    once it has warmed up (an alive worker that is not ready gets no requests)."""
 
     alive: bool
     incarnation: str | None = None
     gone: bool = False
+    ready: bool = True  # its start-up warm-up is over
 
 
 PROBE_SECONDS = 10.0  # a worker that does not answer a ping within this is reported not alive
@@ -521,6 +576,7 @@ class WorkerPool:
         pipeline_workers: int = 0,
         pipeline_stage_memory_bytes: int = 0,
         stage_cpus: float = 0.5,
+        warm_up: WarmUpPlan | None = None,
     ) -> WorkerPool:
         """Starts Ray in-process (or joins `ray_address`) unless it is already initialised, then
         one actor per GPU, or `num_workers` (default 1) CPU actors when the cluster has no GPU.
@@ -528,7 +584,8 @@ class WorkerPool:
         pipeline_workers >= 2 also starts the sharded route: that many stage actors (one GPU
         each; `stage_cpus` CPUs each on a CPU cluster), each capped at
         `pipeline_stage_memory_bytes` for requests when that is set. The replicas then get the GPUs
-        (or CPUs) the stages leave."""
+        (or CPUs) the stages leave. `warm_up`: each replica warms up after its model loads and
+        reports ready afterwards (WorkerState.ready); start() does not wait for it."""
         import ray
 
         owns_ray = False
@@ -560,7 +617,7 @@ class WorkerPool:
         )
 
         def make_actor(name: str):
-            return actor_class.remote(name, engine_kwargs)
+            return actor_class.remote(name, engine_kwargs, warm_up=warm_up)
 
         actors = [make_actor(f"worker-{i}") for i in range(count)]
         descriptions = ray.get([actor.describe.remote() for actor in actors])
@@ -622,19 +679,19 @@ class WorkerPool:
             log.debug("cancelling a fetch stream: %s", error)
 
     async def probe(self, worker: int, timeout: float = PROBE_SECONDS) -> WorkerState:
-        """Pings a worker: alive with its incarnation, or not alive (restarting, busy beyond
-        `timeout`), or gone for good."""
+        """Pings a worker: alive with its incarnation and readiness, or not alive (restarting,
+        busy beyond `timeout`), or gone for good."""
         import asyncio
 
         import ray
 
         try:
-            incarnation = await asyncio.wait_for(self._actor(worker).ping.remote(), timeout)
+            incarnation, ready = await asyncio.wait_for(self._actor(worker).probe_state.remote(), timeout)
         except ray.exceptions.ActorDiedError:
             return WorkerState(alive=False, gone=True)  # new calls to a restarting actor wait instead
         except (TimeoutError, ray.exceptions.RayError):
             return WorkerState(alive=False)
-        return WorkerState(alive=True, incarnation=incarnation)
+        return WorkerState(alive=True, incarnation=incarnation, ready=ready)
 
     def replace(self, worker: int) -> None:
         """Starts a new actor for a replica that is gone for good (blocking: it loads the model);

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from proxyprefill.workers.ray_pool import PrefillWorker, WorkerState
+from proxyprefill.workers.ray_pool import PrefillWorker, WarmUpPlan, WorkerState
 
 FETCH_DEPTH = 8  # as WorkerPool.fetch's _generator_backpressure_num_objects
 _END = object()
@@ -85,9 +85,11 @@ class _DeadWorker:
 
 
 class InProcessPool:
-    def __init__(self, engine_kwargs: dict, num_workers: int = 1):
+    def __init__(self, engine_kwargs: dict, num_workers: int = 1, warm_up: WarmUpPlan | None = None):
         self.engine_kwargs = dict(engine_kwargs)
-        self.workers = [PrefillWorker(f"worker-{i}", self.engine_kwargs) for i in range(num_workers)]
+        self.workers = [
+            PrefillWorker(f"worker-{i}", self.engine_kwargs, warm_up=warm_up) for i in range(num_workers)
+        ]
         self.actors = self.workers
         self.descriptions = [worker.describe() for worker in self.workers]
         self.names = [d["worker"] for d in self.descriptions]
@@ -124,7 +126,8 @@ class InProcessPool:
     async def probe(self, worker: int, timeout: float = 10.0) -> WorkerState:
         if isinstance(self.workers[worker], _DeadWorker):
             return WorkerState(alive=False, gone=True)
-        return WorkerState(alive=True, incarnation=self.workers[worker].ping())
+        incarnation, ready = self.workers[worker].probe_state()
+        return WorkerState(alive=True, incarnation=incarnation, ready=ready)
 
     def replace(self, worker: int) -> None:
         self.workers[worker] = PrefillWorker(self.names[worker], self.engine_kwargs)
