@@ -151,6 +151,8 @@ def run_engine(engine, ids, chunk, mode, density, config) -> dict:
         "seconds": result.total_seconds,
         "estimate_seconds": result.estimate_seconds,
         "attention_seconds": result.attention_seconds,
+        # the model's layers outside attention, the LM head, and the engine's own work
+        "rest_seconds": result.total_seconds - result.estimate_seconds - result.attention_seconds,
         "peak_memory_bytes": None if result.peak_memory_bytes is None else base + result.peak_memory_bytes,
         "kv_bytes": result.kv_bytes,
         "mean_causal_sparsity": float(result.sparsity.mean()),
@@ -165,7 +167,7 @@ def measure(fn, repeats: int) -> dict:
     """Run `fn` `repeats` times; medians of the timings, max of the peaks."""
     rows = [fn() for _ in range(repeats)]
     summary = dict(rows[-1])
-    for key in ("seconds", "estimate_seconds", "attention_seconds"):
+    for key in ("seconds", "estimate_seconds", "attention_seconds", "rest_seconds"):
         if key in rows[0]:
             summary[key] = statistics.median(r[key] for r in rows)
     peaks = [r["peak_memory_bytes"] for r in rows if r.get("peak_memory_bytes") is not None]
@@ -186,6 +188,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, nargs="+", default=None, help="repeats per length")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--skip-stock-above", type=int, default=1 << 30)
+    parser.add_argument(
+        "--engine-warm-up",
+        action="store_true",
+        help="run PrefillEngine.warm_up (largest chunk, longest length) before anything else (default: off)",
+    )
     parser.add_argument("--commit", default=None)
     parser.add_argument("--out", default=None)
     parser.add_argument(
@@ -248,14 +255,31 @@ def main(argv=None) -> dict:
     print(f"model built in {report['build_seconds']:.1f}s, weights {weights / 2**30:.2f} GiB", flush=True)
 
     generator = torch.Generator().manual_seed(0)
+    if args.engine_warm_up:
+        warmed = engine.warm_up(chunks[-1], max(lengths), progress=lambda message: print(message, flush=True))
+        report["engine_warm_up_seconds"] = warmed.seconds
     # warm-up at every chunk size (two chunks, so the offset paths run too): Triton compiles and
-    # autotunes per shape, cuDNN builds its plans; none of that belongs in the timings
+    # autotunes per shape, cuDNN builds its plans; none of that belongs in the timings. These are
+    # the process's first requests: their times are kept apart, as the cold start
+    report["first_requests"] = []
     for chunk in chunks:
         warm = torch.randint(0, shape["vocab_size"], (min(lengths[0], 2 * chunk),), generator=generator)
-        run_engine(engine, warm, chunk, "dense", None, config)
+        first = run_engine(engine, warm, chunk, "dense", None, config)
+        report["first_requests"].append(
+            {"tokens": warm.numel(), "chunk_size": chunk, "mode": "dense", **first}
+        )
         for density in args.densities if "proxy_error" not in report else []:
             try:
-                run_engine(engine, warm, chunk, "proxy", density, config)
+                first = run_engine(engine, warm, chunk, "proxy", density, config)
+                report["first_requests"].append(
+                    {
+                        "tokens": warm.numel(),
+                        "chunk_size": chunk,
+                        "mode": "proxy",
+                        "density": density,
+                        **first,
+                    }
+                )
             except Exception as exc:  # recorded, and the proxy rows are skipped below
                 report["proxy_error"] = f"{type(exc).__name__}: {exc}"
                 print("proxy path failed:", report["proxy_error"], flush=True)
