@@ -48,6 +48,7 @@ from proxyprefill.protos import prefill_pb2 as pb
 from proxyprefill.protos import prefill_pb2_grpc as pb_grpc
 from proxyprefill.workers.kv_push import KVPushError, PushTarget
 from proxyprefill.workers.kv_share import KVShareError, share_to_message, transport_name
+from proxyprefill.workers.prompts import PromptEncoder
 
 from . import audit, wire
 from .admission import Admission, AdmissionError
@@ -184,7 +185,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         self.auth = Authenticator.from_config(config)
         self.metrics = metrics or ServiceMetrics(self.model_info["model_id"])
         self.health = health.aio.HealthServicer()
-        self._tokenizer = None
+        self._prompts: PromptEncoder | None = None  # text and chat input; None: no tokenizer
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
@@ -201,7 +202,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
     async def start(self) -> int:
         """Binds, starts serving, and returns the port (useful with listen 'HOST:0')."""
         if self.model_info.get("has_tokenizer"):
-            self._tokenizer = await asyncio.to_thread(self.pool.tokenizer)
+            self._prompts = PromptEncoder(await asyncio.to_thread(self.pool.tokenizer))
         limit = self.config.max_message_bytes
         server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
@@ -377,9 +378,6 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         m.kv_bytes_held.set(self.leases.held_bytes)
         m.kv_handles.set(len(self.leases))
 
-    def _tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-
     def _kv_bytes_estimate(self, num_tokens: int) -> int:
         info = self.model_info
         item = _DTYPE_BYTES.get(info["dtype"], 4)
@@ -398,9 +396,8 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                 raise AdmissionError(
                     grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another replica"
                 )
-            if request.WhichOneof("input") == "text":
-                tokenize = self._tokenize if self._tokenizer is not None else None
-                plan = await asyncio.to_thread(validate_prefill, request, self.limits, tokenize)
+            if request.WhichOneof("input") in ("text", "chat"):  # tokenising: off the event loop
+                plan = await asyncio.to_thread(validate_prefill, request, self.limits, self._prompts)
             else:
                 plan = validate_prefill(request, self.limits, None)
         except _REQUEST_ERRORS as error:
@@ -886,6 +883,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             num_workers=len(self.pool.actors),
             server_version=__version__,
             profile=info.get("profile", ""),
+            has_chat_template=self._prompts is not None and self._prompts.has_chat_template,
             limits=pb.ServerLimits(
                 max_prompt_tokens=limits.max_prompt_tokens,
                 max_pending_tokens=config.max_pending_tokens,
