@@ -335,6 +335,25 @@ def _add_batch_flags(parser: argparse.ArgumentParser) -> None:
     add("--text-field", default="text", help="JSONL/Parquet field holding the text (default: %(default)s)")
     add("--id-field", default="id", help="JSONL/Parquet field holding the document id (default: %(default)s)")
     add(
+        "--chat-template",
+        action="store_true",
+        help="format each text document as one user message with the model's chat template, as a chat "
+        "decode side would (default: off, plain text)",
+    )
+    add(
+        "--no-generation-prompt",
+        action="store_true",
+        help="with --chat-template: do not end with the assistant header (default: end with it)",
+    )
+    add(
+        "--add-special-tokens",
+        choices=["true", "false"],
+        default=None,
+        help="add the tokenizer's special tokens around a text document, as tokenizer(text) does: BOS "
+        "for Llama and Mistral tokenizers, nothing for SmolLM2 or Qwen (default: true for plain "
+        "text; false with --chat-template, whose template writes them)",
+    )
+    add(
         "--gamma",
         type=float,
         default=proxy.gamma,
@@ -389,6 +408,9 @@ def batch_options(args):
         text_field=args.text_field,
         id_field=args.id_field,
         ray_address=args.ray_address,
+        chat_template=args.chat_template,
+        add_generation_prompt=not args.no_generation_prompt,
+        add_special_tokens=None if args.add_special_tokens is None else args.add_special_tokens == "true",
     ).validate()
 
 
