@@ -89,11 +89,28 @@ class ProxyAttnSettings(_message.Message):
     dense_below_tokens: int
     def __init__(self, mode: _Optional[_Union[AttentionMode, str]] = ..., gamma: _Optional[float] = ..., min_budget_tokens: _Optional[int] = ..., stride: _Optional[int] = ..., budget: _Optional[str] = ..., alpha: _Optional[float] = ..., exponent: _Optional[float] = ..., dense_below_tokens: _Optional[int] = ...) -> None: ...
 
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class Chat(_message.Message):
+    __slots__ = ("messages", "add_generation_prompt")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    ADD_GENERATION_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    add_generation_prompt: bool
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., add_generation_prompt: _Optional[bool] = ...) -> None: ...
+
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "tokens", "text", "add_special_tokens", "returns", "chunk_size", "attention", "pipeline_stages")
+    __slots__ = ("request_id", "tokens", "text", "chat", "add_special_tokens", "returns", "chunk_size", "attention", "pipeline_stages")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
     ADD_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RETURNS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -102,12 +119,13 @@ class PrefillRequest(_message.Message):
     request_id: str
     tokens: TokenIds
     text: str
+    chat: Chat
     add_special_tokens: bool
     returns: ReturnOptions
     chunk_size: int
     attention: ProxyAttnSettings
     pipeline_stages: int
-    def __init__(self, request_id: _Optional[str] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., text: _Optional[str] = ..., add_special_tokens: _Optional[bool] = ..., returns: _Optional[_Union[ReturnOptions, _Mapping]] = ..., chunk_size: _Optional[int] = ..., attention: _Optional[_Union[ProxyAttnSettings, _Mapping]] = ..., pipeline_stages: _Optional[int] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., text: _Optional[str] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ..., add_special_tokens: _Optional[bool] = ..., returns: _Optional[_Union[ReturnOptions, _Mapping]] = ..., chunk_size: _Optional[int] = ..., attention: _Optional[_Union[ProxyAttnSettings, _Mapping]] = ..., pipeline_stages: _Optional[int] = ...) -> None: ...
 
 class Accepted(_message.Message):
     __slots__ = ("request_id", "num_tokens", "queue_position", "pending_tokens", "worker", "pipeline_stages")
@@ -430,7 +448,7 @@ class ServerLimits(_message.Message):
     def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_pending_tokens: _Optional[int] = ..., default_chunk_size: _Optional[int] = ..., min_chunk_size: _Optional[int] = ..., max_chunk_size: _Optional[int] = ..., default_lease_seconds: _Optional[int] = ..., max_lease_seconds: _Optional[int] = ..., kv_memory_cap_bytes: _Optional[int] = ..., max_kv_chunk_bytes: _Optional[int] = ..., max_logit_positions: _Optional[int] = ..., min_gamma: _Optional[float] = ..., min_budget_tokens_floor: _Optional[int] = ..., allowed_strides: _Optional[_Iterable[int]] = ..., default_attention_mode: _Optional[str] = ..., max_pipeline_stages: _Optional[int] = ..., shard_above_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_position_embeddings", "dtype", "rope_theta", "rope_scaling_json", "eos_token_ids", "limits", "num_workers", "server_version", "profile")
+    __slots__ = ("model_id", "architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_position_embeddings", "dtype", "rope_theta", "rope_scaling_json", "eos_token_ids", "limits", "num_workers", "server_version", "profile", "has_chat_template")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -447,6 +465,7 @@ class ModelInfo(_message.Message):
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
+    HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     architecture: str
     num_layers: int
@@ -463,4 +482,5 @@ class ModelInfo(_message.Message):
     num_workers: int
     server_version: str
     profile: str
-    def __init__(self, model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., dtype: _Optional[str] = ..., rope_theta: _Optional[float] = ..., rope_scaling_json: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., num_workers: _Optional[int] = ..., server_version: _Optional[str] = ..., profile: _Optional[str] = ...) -> None: ...
+    has_chat_template: bool
+    def __init__(self, model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., dtype: _Optional[str] = ..., rope_theta: _Optional[float] = ..., rope_scaling_json: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., num_workers: _Optional[int] = ..., server_version: _Optional[str] = ..., profile: _Optional[str] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...

@@ -2,6 +2,8 @@
 
     proxyprefill serve [--listen HOST:PORT] [--ray-address ADDR] [--model PATH] ...  # any ServerConfig field
     proxyprefill prefill --server HOST:PORT --file doc.txt [--return kv|logits|none] [--out kv.safetensors]
+    proxyprefill prefill --server HOST:PORT --text "..." --chat      # one user turn, chat template
+    proxyprefill prefill --server HOST:PORT --messages chat.json     # a whole conversation
     proxyprefill decode --server HOST:PORT --handle HEX [--max-new-tokens 32]
     proxyprefill info --server HOST:PORT
     proxyprefill demo        # the service in-process on the default model: prefill a document, fetch, decode
@@ -93,16 +95,74 @@ def print_summary(summary) -> None:
         print(f"sparsity per layer: {layers}")
 
 
-def cmd_prefill(args) -> int:
+class PromptArgumentError(ValueError):
+    """A prompt flag of `prefill` that cannot be used; the message names the flag."""
+
+
+def prompt_from_args(args) -> dict:
+    """The prompt keywords of PrefillClient.prefill from the prompt flags: `text` with
+    `add_special_tokens`, or `messages` with `add_generation_prompt`."""
+    chat_flags = args.chat or args.messages
+    if args.add_special_tokens and chat_flags:
+        raise PromptArgumentError(
+            "--add-special-tokens: not with --chat or --messages "
+            "(the chat template writes the special tokens)"
+        )
+    if args.no_generation_prompt and not chat_flags:
+        raise PromptArgumentError("--no-generation-prompt: only with --chat or --messages")
+    if args.messages:
+        if args.file or args.text:
+            raise PromptArgumentError("--messages: give it instead of --file or --text, not with them")
+        return {
+            "messages": read_messages(args.messages),
+            "add_generation_prompt": not args.no_generation_prompt,
+        }
     text = Path(args.file).read_text() if args.file else args.text
     if not text:
-        print("give --file or --text", file=sys.stderr)
+        raise PromptArgumentError("give --file, --text or --messages")
+    if args.chat:
+        from proxyprefill.workers.prompts import ChatMessage
+
+        return {
+            "messages": [ChatMessage("user", text)],
+            "add_generation_prompt": not args.no_generation_prompt,
+        }
+    return {"text": text, "add_special_tokens": args.add_special_tokens}
+
+
+def read_messages(path: str) -> list:
+    """The conversation of a JSON file: a list of {"role": ..., "content": ...} objects."""
+    from proxyprefill.workers.prompts import ChatMessage
+
+    try:
+        rows = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise PromptArgumentError(f"--messages: cannot read {path}: {error}") from None
+    if not isinstance(rows, list):
+        raise PromptArgumentError(f"--messages: {path} must hold a JSON list of messages")
+    messages = []
+    for i, row in enumerate(rows):
+        if not (
+            isinstance(row, dict) and isinstance(row.get("role"), str) and isinstance(row.get("content"), str)
+        ):
+            raise PromptArgumentError(
+                f"--messages: entry {i} of {path} must be an object with string 'role' and 'content'"
+            )
+        messages.append(ChatMessage(row["role"], row["content"]))
+    return messages
+
+
+def cmd_prefill(args) -> int:
+    try:
+        prompt = prompt_from_args(args)
+    except PromptArgumentError as error:
+        print(f"proxyprefill prefill: error: {error}", file=sys.stderr)
         return 2
     kv = "handle" if args.return_ == "kv" else "none"
     logits = "last" if args.return_ == "logits" else "none"
     with _client(args) as client:
         outcome = client.prefill(
-            text=text,
+            **prompt,
             kv=kv,
             logits=logits,
             chunk_size=args.chunk_size,
@@ -275,6 +335,25 @@ def _add_batch_flags(parser: argparse.ArgumentParser) -> None:
     add("--text-field", default="text", help="JSONL/Parquet field holding the text (default: %(default)s)")
     add("--id-field", default="id", help="JSONL/Parquet field holding the document id (default: %(default)s)")
     add(
+        "--chat-template",
+        action="store_true",
+        help="format each text document as one user message with the model's chat template, as a chat "
+        "decode side would (default: off, plain text)",
+    )
+    add(
+        "--no-generation-prompt",
+        action="store_true",
+        help="with --chat-template: do not end with the assistant header (default: end with it)",
+    )
+    add(
+        "--add-special-tokens",
+        choices=["true", "false"],
+        default=None,
+        help="add the tokenizer's special tokens around a text document, as tokenizer(text) does: BOS "
+        "for Llama and Mistral tokenizers, nothing for SmolLM2 or Qwen (default: true for plain "
+        "text; false with --chat-template, whose template writes them)",
+    )
+    add(
         "--gamma",
         type=float,
         default=proxy.gamma,
@@ -329,6 +408,9 @@ def batch_options(args):
         text_field=args.text_field,
         id_field=args.id_field,
         ray_address=args.ray_address,
+        chat_template=args.chat_template,
+        add_generation_prompt=not args.no_generation_prompt,
+        add_special_tokens=None if args.add_special_tokens is None else args.add_special_tokens == "true",
     ).validate()
 
 
@@ -498,6 +580,31 @@ def main(argv: list[str] | None = None) -> int:
     _add_client_flags(prefill)
     prefill.add_argument("--file", help="text file to prefill")
     prefill.add_argument("--text", help="text to prefill (instead of --file)")
+    prefill.add_argument(
+        "--add-special-tokens",
+        action="store_true",
+        help="add the tokenizer's special tokens around the text, as tokenizer(text) does by default: "
+        "BOS for Llama and Mistral tokenizers, nothing for SmolLM2 or Qwen; tokenise as the decode "
+        "side will (default: off)",
+    )
+    prefill.add_argument(
+        "--chat",
+        action="store_true",
+        help="send the text as one user message, formatted by the model's chat template "
+        "(default: plain text)",
+    )
+    prefill.add_argument(
+        "--messages",
+        metavar="FILE",
+        help='JSON file of a conversation, [{"role": "system|user|assistant|tool", "content": "..."}, ...], '
+        "formatted by the model's chat template (instead of --file or --text; default: none)",
+    )
+    prefill.add_argument(
+        "--no-generation-prompt",
+        action="store_true",
+        help="with --chat or --messages: do not end with the assistant header (default: end with it, so "
+        "that decoding continues as the assistant's reply)",
+    )
     prefill.add_argument("--return", dest="return_", choices=["kv", "logits", "none"], default="kv")
     prefill.add_argument("--out", help="with --return kv: fetch the KV and write it as safetensors")
     prefill.add_argument("--chunk-size", type=int, default=0)

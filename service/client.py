@@ -2,6 +2,7 @@
 
     client = PrefillClient("127.0.0.1:50051", token=None)
     outcome = client.prefill(text="...", kv="handle", logits="last")
+    outcome = client.prefill(messages=[ChatMessage("user", "...")])  # the model's chat template
     kv = client.fetch_kv(outcome.handle.handle, include_token_ids=True)
     kv.keys[layer]       # torch [Hkv, N, d], exactly the worker's tensor
     client.release(outcome.handle.handle)
@@ -13,7 +14,7 @@ preallocated tensors (one copy per piece), never unpickled.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -21,6 +22,7 @@ import numpy as np
 
 from proxyprefill.protos import prefill_pb2 as pb
 from proxyprefill.protos import prefill_pb2_grpc as pb_grpc
+from proxyprefill.workers.prompts import ChatMessage
 
 _NUMPY_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<i2", "float64": "<f8", "int64": "<i8"}
 _KV_RETURNS = {"handle": pb.KV_RETURN_HANDLE, "inline": pb.KV_RETURN_INLINE, "none": pb.KV_RETURN_NONE}
@@ -198,6 +200,7 @@ class PrefillClient:
     def request(
         token_ids: Iterable[int] | None = None,
         text: str | None = None,
+        messages: Sequence[ChatMessage] | None = None,
         kv: str = "handle",
         logits: str | list[int] = "none",
         chunk_size: int = 0,
@@ -206,21 +209,31 @@ class PrefillClient:
         request_id: str = "",
         include_token_ids: bool = False,
         add_special_tokens: bool = False,
+        add_generation_prompt: bool = True,
         pipeline_stages: int = 0,
         **proxy_settings,
     ) -> pb.PrefillRequest:
+        """One PrefillRequest. The prompt is exactly one of `token_ids`, `text` (tokenised by the
+        server; `add_special_tokens` as the decode side tokenises) or `messages` (formatted by the
+        model's chat template, ending with the assistant header unless `add_generation_prompt` is
+        False)."""
         request = pb.PrefillRequest(
             request_id=request_id,
             chunk_size=chunk_size,
             add_special_tokens=add_special_tokens,
             pipeline_stages=pipeline_stages,
         )
-        if (token_ids is None) == (text is None):
-            raise ValueError("give exactly one of token_ids and text")
+        if sum(given is not None for given in (token_ids, text, messages)) != 1:
+            raise ValueError("give exactly one of token_ids, text and messages")
         if token_ids is not None:
             request.tokens.ids.extend(int(t) for t in token_ids)
-        else:
+        elif text is not None:
             request.text = text
+        else:
+            request.chat.SetInParent()  # chat input, even with no messages (the server refuses those)
+            request.chat.add_generation_prompt = add_generation_prompt
+            for message in messages:
+                request.chat.messages.add(role=message.role, content=message.content)
         request.returns.kv = _KV_RETURNS[kv]
         request.returns.lease_seconds = lease_seconds
         request.returns.include_token_ids = include_token_ids
@@ -246,6 +259,7 @@ class PrefillClient:
         self,
         token_ids: Iterable[int] | None = None,
         text: str | None = None,
+        messages: Sequence[ChatMessage] | None = None,
         timeout: float | None = None,
         on_event: Callable[[pb.PrefillEvent], None] | None = None,
         **options,
@@ -253,7 +267,7 @@ class PrefillClient:
         """Runs one prefill and collects its events (see `request` for the options)."""
         import torch
 
-        request = self.request(token_ids=token_ids, text=text, **options)
+        request = self.request(token_ids=token_ids, text=text, messages=messages, **options)
         outcome = PrefillOutcome()
         logit_rows: list = []
         assembler = None

@@ -70,6 +70,11 @@ class ServerConfig:
     metrics_require_token: bool = option(
         False, "serve /metrics only to callers with a bearer token of auth_tokens(_file)"
     )
+    tracing: bool = option(
+        False,
+        "OpenTelemetry spans per RPC (needs the otel extra), exported as OTEL_TRACES_EXPORTER says: otlp "
+        "(to OTEL_EXPORTER_OTLP_ENDPOINT), console or none; or to the tracer provider the process has",
+    )
     max_message_bytes: int = option(64 * MiB, "largest gRPC message the server receives or sends, in bytes")
     drain_seconds: float = option(30.0, "grace period for in-flight requests on SIGTERM, in seconds")
 
@@ -242,6 +247,13 @@ class ServerConfig:
             "must be in [1 KiB, max_kv_chunk_bytes]",
         )
         need(self.max_message_bytes >= 1 * MiB, "max_message_bytes", "must be >= 1 MiB")
+        if self.tracing:
+            from .tracing import TracingUnavailable, check_available
+
+            try:
+                check_available()
+            except TracingUnavailable as error:
+                raise ConfigError(f"tracing cannot be on: {error}") from None
         need(self.drain_seconds >= 0, "drain_seconds", "must be >= 0")
         try:
             self.proxy_config()

@@ -36,6 +36,7 @@ import logging
 import signal
 import time
 import uuid
+from dataclasses import replace
 from types import SimpleNamespace
 
 import grpc
@@ -48,8 +49,9 @@ from proxyprefill.protos import prefill_pb2 as pb
 from proxyprefill.protos import prefill_pb2_grpc as pb_grpc
 from proxyprefill.workers.kv_push import KVPushError, PushTarget
 from proxyprefill.workers.kv_share import KVShareError, share_to_message, transport_name
+from proxyprefill.workers.prompts import PromptEncoder
 
-from . import audit, wire
+from . import audit, tracing, wire
 from .admission import Admission, AdmissionError
 from .auth import Authenticator, AuthError, Principal
 from .config import ServerConfig
@@ -166,7 +168,13 @@ class _WorkerGone(Exception):
 
 
 class PrefillServer(pb_grpc.PrefillServiceServicer):
-    def __init__(self, config: ServerConfig, pool, metrics: ServiceMetrics | None = None):
+    def __init__(
+        self,
+        config: ServerConfig,
+        pool,
+        metrics: ServiceMetrics | None = None,
+        tracer: tracing.RequestTracer | None = None,
+    ):
         self.config = config
         self.pool = pool
         self.model_info = dict(pool.model_info)
@@ -183,8 +191,11 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         )
         self.auth = Authenticator.from_config(config)
         self.metrics = metrics or ServiceMetrics(self.model_info["model_id"])
+        if tracer is None:
+            tracer = tracing.RequestTracer.from_environment() if config.tracing else tracing.NO_TRACING
+        self.tracer = tracer  # one span per RPC, when tracing is on (service/tracing.py)
         self.health = health.aio.HealthServicer()
-        self._tokenizer = None
+        self._prompts: PromptEncoder | None = None  # text and chat input; None: no tokenizer
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
@@ -201,7 +212,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
     async def start(self) -> int:
         """Binds, starts serving, and returns the port (useful with listen 'HOST:0')."""
         if self.model_info.get("has_tokenizer"):
-            self._tokenizer = await asyncio.to_thread(self.pool.tokenizer)
+            self._prompts = PromptEncoder(await asyncio.to_thread(self.pool.tokenizer))
         limit = self.config.max_message_bytes
         server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
@@ -265,6 +276,10 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             wire.Method("MapKV", pb.MapKVRequest, self.MapKV, pb.KVMapping.SerializeToString),
             wire.Method("PushKV", pb.PushKVRequest, self.PushKV, pb.PushKVResponse.SerializeToString),
         ]
+        methods = [
+            replace(m, behaviour=self.tracer.traced(m.name, SERVICE_NAME, m.behaviour, m.streams_responses))
+            for m in methods
+        ]
         return wire.generic_handler(SERVICE_NAME, methods, self._identify, self._abort)
 
     async def drain(self, grace: float | None = None) -> None:
@@ -293,6 +308,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         self._update_gauges()
         if self._metrics_http is not None:
             self._metrics_http.close()
+        self.tracer.shutdown()
         self._stopped.set()
 
     async def wait(self) -> None:
@@ -389,9 +405,6 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         m.kv_bytes_held.set(self.leases.held_bytes)
         m.kv_handles.set(len(self.leases))
 
-    def _tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-
     def _kv_bytes_estimate(self, num_tokens: int) -> int:
         info = self.model_info
         item = _DTYPE_BYTES.get(info["dtype"], 4)
@@ -410,14 +423,15 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                 raise AdmissionError(
                     grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another replica"
                 )
-            if request.WhichOneof("input") == "text":
-                tokenize = self._tokenize if self._tokenizer is not None else None
-                plan = await asyncio.to_thread(validate_prefill, request, self.limits, tokenize)
+            if request.WhichOneof("input") in ("text", "chat"):  # tokenising: off the event loop
+                plan = await asyncio.to_thread(validate_prefill, request, self.limits, self._prompts)
             else:
                 plan = validate_prefill(request, self.limits, None)
         except _REQUEST_ERRORS as error:
             await self._abort(context, "Prefill", error.code, error.message)
             return
+        rpc = tracing.current_rpc()
+        rpc.set(request_id=plan.request_id, num_tokens=plan.num_tokens)
 
         reservation = None
         try:
@@ -432,6 +446,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             return
 
         worker_name = self.pool.names[ticket.worker]
+        rpc.set(worker=worker_name, pipeline_stages=stages)
         self._update_gauges()
         log.info(
             "prefill accepted request_id=%s tokens=%d worker=%s position=%d",
@@ -524,8 +539,12 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
         worker = ticket.worker
         handler = asyncio.current_task()
         self._prefills.add(handler)
+        rpc = tracing.current_rpc()  # its open stages end with it when the request fails
+        waiting = rpc.child("queue_wait")
         try:
             async with self.admission.turn(ticket):
+                waiting.end()
+                running = rpc.child("worker_prefill", worker=worker_name)
                 queue_seconds = time.perf_counter() - accepted_at
                 self.metrics.queue_latency.observe(queue_seconds)
                 self._update_gauges()
@@ -552,12 +571,14 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                     if failure.code == grpc.StatusCode.UNAVAILABLE:  # lost: route around it until
                         self.admission.set_available(worker, False)  # the watch hears from it again
                     raise failure from None
+                running.end()
             if result is None or result["kind"] == "cancelled":
                 raise RequestError(grpc.StatusCode.CANCELLED, "prefill was cancelled on its worker")
             if result["kind"] == "error":
                 code = _WORKER_ERROR_CODES.get(result["error"], grpc.StatusCode.INTERNAL)
                 raise RequestError(code, result["message"])
             self.metrics.time_to_first_token.observe(time.perf_counter() - accepted_at)
+            returning = rpc.child("kv_return")
 
             for piece in self._logit_pieces(result):
                 yield pb.PrefillEvent(logits=piece)
@@ -604,7 +625,10 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                         worker=worker_name,
                     )
                 )
-            yield pb.PrefillEvent(summary=self._summary(plan, result, queue_seconds, accepted_at))
+            returning.end()
+            summary = self._summary(plan, result, queue_seconds, accepted_at)
+            rpc.set(sparsity=summary.sparsity)
+            yield pb.PrefillEvent(summary=summary)
         finally:
             if kept:  # cancelled or failed after the worker kept KV: nobody owns it
                 with contextlib.suppress(Exception):
@@ -898,6 +922,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             num_workers=len(self.pool.actors),
             server_version=__version__,
             profile=info.get("profile", ""),
+            has_chat_template=self._prompts is not None and self._prompts.has_chat_template,
             limits=pb.ServerLimits(
                 max_prompt_tokens=limits.max_prompt_tokens,
                 max_pending_tokens=config.max_pending_tokens,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import re
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -19,6 +18,7 @@ import numpy as np
 
 from proxyprefill.kernels.config import BUDGET_POLICIES, ProxyAttnConfig
 from proxyprefill.protos import prefill_pb2 as pb
+from proxyprefill.workers.prompts import ChatMessage, PromptEncoder, PromptError, check_messages
 
 from .errors import ServiceError
 
@@ -122,14 +122,15 @@ class PrefillPlan:
 def validate_prefill(
     request: pb.PrefillRequest,
     limits: Limits,
-    tokenize: Callable[[str, bool], list[int]] | None,
+    prompts: PromptEncoder | None,
 ) -> PrefillPlan:
-    """Checks every field of `request`; tokenises text with `tokenize(text, add_special_tokens)`."""
+    """Checks every field of `request`; text and chat input are tokenised by `prompts` (None: the
+    model has no tokenizer)."""
     request_id = request.request_id or uuid.uuid4().hex
     if not REQUEST_ID_PATTERN.fullmatch(request_id):
         raise invalid(f"request_id must match {REQUEST_ID_PATTERN.pattern}, got {request.request_id[:40]!r}")
 
-    token_ids, from_text = _token_ids(request, limits, tokenize)
+    token_ids, from_text = _token_ids(request, limits, prompts)
     n = int(token_ids.shape[0])
 
     returns = request.returns
@@ -180,10 +181,10 @@ def validate_prefill(
     )
 
 
-def _token_ids(request, limits: Limits, tokenize) -> tuple[np.ndarray, bool]:
+def _token_ids(request, limits: Limits, prompts: PromptEncoder | None) -> tuple[np.ndarray, bool]:
     which = request.WhichOneof("input")
     if which is None:
-        raise invalid("input must be set: tokens or text")
+        raise invalid("input must be set: tokens, text or chat")
     if which == "tokens":
         count = len(request.tokens.ids)
         if count == 0:
@@ -201,24 +202,64 @@ def _token_ids(request, limits: Limits, tokenize) -> tuple[np.ndarray, bool]:
             )
         return ids, False
 
+    if which == "chat":
+        ids = _chat_token_ids(request, limits, prompts)
+    else:
+        ids = _text_token_ids(request, limits, prompts)
+    if ids.size == 0:
+        raise invalid(f"{which} tokenises to no tokens")
+    if ids.size > limits.max_prompt_tokens:
+        raise out_of_range(
+            f"{which} has {ids.size} tokens; the server allows at most {limits.max_prompt_tokens}"
+        )
+    return ids, True
+
+
+def _text_token_ids(request, limits: Limits, prompts: PromptEncoder | None) -> np.ndarray:
     text = request.text
     if not text:
         raise invalid("text is empty")
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > limits.max_text_bytes:
         raise out_of_range(f"text has {size} bytes; the server allows at most {limits.max_text_bytes}")
-    if tokenize is None:
+    if prompts is None:
         raise RequestError(
             grpc.StatusCode.FAILED_PRECONDITION, "text: the served model has no tokenizer; send tokens"
         )
-    ids = np.asarray(tokenize(text, request.add_special_tokens), dtype=np.int64).reshape(-1)
-    if ids.size == 0:
-        raise invalid("text tokenises to no tokens")
-    if ids.size > limits.max_prompt_tokens:
-        raise out_of_range(
-            f"text has {ids.size} tokens; the server allows at most {limits.max_prompt_tokens}"
+    return np.asarray(prompts.encode_text(text, request.add_special_tokens), dtype=np.int64).reshape(-1)
+
+
+def _chat_token_ids(request, limits: Limits, prompts: PromptEncoder | None) -> np.ndarray:
+    if request.add_special_tokens:
+        raise invalid(
+            "add_special_tokens must be false with chat input: the chat template writes the special "
+            "tokens itself (BOS included)"
         )
-    return ids, True
+    messages = [ChatMessage(m.role, m.content) for m in request.chat.messages]
+    try:
+        check_messages(messages)
+    except PromptError as error:
+        raise invalid(f"chat.{error}") from None
+    size = sum(len(m.content.encode("utf-8", "surrogatepass")) for m in messages)
+    if size > limits.max_text_bytes:
+        raise out_of_range(
+            f"chat.messages have {size} bytes of content; the server allows at most {limits.max_text_bytes}"
+        )
+    if prompts is None:
+        raise RequestError(
+            grpc.StatusCode.FAILED_PRECONDITION, "chat: the served model has no tokenizer; send tokens"
+        )
+    if not prompts.has_chat_template:
+        raise RequestError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "chat: the served model's tokenizer has no chat template (GetModelInfo.has_chat_template); "
+            "send text or tokens",
+        )
+    try:
+        ids = prompts.encode_chat(messages, request.chat.add_generation_prompt)
+    except PromptError as error:
+        raise invalid(f"chat.{error}") from None
+    return np.asarray(ids, dtype=np.int64).reshape(-1)
 
 
 def _logits(returns, n: int, limits: Limits) -> str | list[int]:

@@ -34,3 +34,32 @@ def wait_for(predicate, seconds: float = 20.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'assistant' %}"
+    "{{ raise_exception('the conversation must not start with the assistant') }}{% endif %}"
+    "{{ bos_token }} {% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} <|end|> "
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def tiny_chat_tokenizer(path=None, chat_template: str | None = TINY_CHAT_TEMPLATE):
+    """A word-level tokenizer of 256 ids shaped like Llama's: `tokenizer(text)` puts BOS (<s>, id
+    1) in front, and the chat template writes BOS itself. Words are "w0" ... "w248" (ids 7...);
+    anything else is <unk> (0). Saved to `path` when given; returns the tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    words = [f"w{i}" for i in range(256 - len(specials))]
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = chat_template
+    if path is not None:
+        tokenizer.save_pretrained(path)
+    return tokenizer

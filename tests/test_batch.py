@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _support import save_tiny_llama, wait_for
+from _support import save_tiny_llama, tiny_chat_tokenizer, wait_for
 
 from proxyprefill.kernels.config import ProxyAttnConfig
 from proxyprefill.workers.batch import BatchOptionError, BatchOptions, BatchProgress, run_batch
@@ -186,6 +186,65 @@ def test_invalid_options_name_their_flag(tmp_path, tiny_model_dir, changes, flag
         run_batch(options(tmp_path, tiny_model_dir, source, **changes))
     assert error.value.flag == flag and str(error.value).startswith(flag)
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model_dir(tmp_path_factory):
+    """The tiny Llama with a Llama-shaped tokenizer: BOS on plain text, a chat template."""
+    path = tmp_path_factory.mktemp("tiny-chat-llama")
+    save_tiny_llama(path, num_layers=1, max_position_embeddings=MAX_POSITIONS)
+    tiny_chat_tokenizer(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"add_special_tokens": False},
+        {"chat_template": True},
+        {"chat_template": True, "add_generation_prompt": False},
+    ],
+)
+def test_text_documents_are_tokenised_as_asked(tmp_path, tiny_chat_model_dir, changes):
+    texts = {"short": "w1 w2", "long": "w3 w4 w5 w6 w7 w8", "middle": "w9 w10 w11"}
+    source = write_jsonl(tmp_path / "docs.jsonl", [{"id": i, "text": t} for i, t in texts.items()])
+    job = options(tmp_path, tiny_chat_model_dir, source, emit=("kv",), **changes)
+    summary = run_batch(job, on_progress=None)
+    assert summary.documents_written == len(texts)
+
+    tokenizer = tiny_chat_tokenizer()
+    for doc_id, text in texts.items():
+        if job.chat_template:
+            expected = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}],
+                tokenize=True,
+                add_generation_prompt=job.add_generation_prompt,
+                return_dict=False,
+            )
+        else:
+            expected = tokenizer(text, add_special_tokens=job.special_tokens)["input_ids"]
+        record = manifest_records(tmp_path / "out")[doc_id]
+        kv = load_kv(tmp_path / "out" / record.kv_file)
+        assert kv.token_ids.tolist() == list(expected), doc_id
+        bos_count = 0 if changes == {"add_special_tokens": False} else 1  # from the tokenizer or the template
+        assert kv.token_ids.tolist().count(1) == bos_count
+
+
+def test_chat_template_options_are_checked_before_any_document(tmp_path, tiny_model_dir, capsys):
+    from proxyprefill.cli import main
+
+    source = write_jsonl(tmp_path / "docs.jsonl", [{"id": "a", "text": "w1"}])
+    with pytest.raises(BatchOptionError) as error:  # this model has no tokenizer, so no template
+        run_batch(options(tmp_path, tiny_model_dir, source, chat_template=True), on_progress=None)
+    assert error.value.flag == "--chat-template"
+    assert not (tmp_path / "out" / MANIFEST_NAME).exists()
+    for flags, flag in [
+        (["--chat-template", "--add-special-tokens", "true"], "--add-special-tokens"),
+        (["--no-generation-prompt"], "--no-generation-prompt"),
+    ]:
+        assert main(["batch", "--input", str(source), "--output", str(tmp_path / "o"), *flags]) == 2
+        assert flag in capsys.readouterr().err
 
 
 def test_cli_rejects_a_bad_flag_by_name(tmp_path, capsys):

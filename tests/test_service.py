@@ -167,6 +167,28 @@ def test_round_trip_text_logits_and_kv_bit_exact(service, client, pool, tokenize
     assert_healthy_and_clean(service, client, pool)
 
 
+def test_chat_input_prefills_the_chat_templates_tokens(service, client, pool, tokenizer):
+    from proxyprefill.workers.prompts import ChatMessage
+
+    assert client.model_info().has_chat_template  # SmolLM2's tokenizer carries one
+    messages = [ChatMessage("system", "Answer briefly."), ChatMessage("user", TEXT)]
+    outcome = client.prefill(
+        messages=messages, kv="inline", include_token_ids=True, chunk_size=128, attention="dense"
+    )
+    expected = tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in messages],
+        tokenize=True,
+        add_generation_prompt=True,
+        return_dict=False,
+    )
+    assert outcome.kv.token_ids.tolist() == list(expected)
+    assert outcome.summary.num_tokens == len(expected)
+    refused = status_of(lambda: client.prefill(messages=[ChatMessage("robot", "hi")], kv="none"))
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.details().startswith("chat.messages[0].role")
+    assert_healthy_and_clean(service, client, pool)
+
+
 def test_inline_kv_matches_fetched_kv_and_keeps_nothing(service, client, pool):
     ids = list(range(100, 400))
     inline = client.prefill(token_ids=ids, kv="inline", include_token_ids=True, chunk_size=128)

@@ -225,9 +225,21 @@ def _request(**fields):
     return request
 
 
-def _error(request, tokenize=None):
+class WordPrompts:
+    """Stands in for a PromptEncoder without a chat template: text tokenises to `ids_for(text)`."""
+
+    has_chat_template = False
+
+    def __init__(self, ids_for):
+        self.ids_for = ids_for
+
+    def encode_text(self, text, add_special_tokens):
+        return self.ids_for(text)
+
+
+def _error(request, prompts=None):
     with pytest.raises(RequestError) as caught:
-        validate_prefill(request, LIMITS, tokenize)
+        validate_prefill(request, LIMITS, prompts)
     return caught.value
 
 
@@ -240,7 +252,7 @@ def test_validation_defaults():
 
 def test_validation_text_uses_the_tokenizer():
     plan = validate_prefill(
-        pb.PrefillRequest(text="a b c"), LIMITS, lambda text, special: [7] * len(text.split())
+        pb.PrefillRequest(text="a b c"), LIMITS, WordPrompts(lambda text: [7] * len(text.split()))
     )
     assert plan.token_ids.tolist() == [7, 7, 7] and plan.from_text
 
@@ -294,7 +306,7 @@ def test_validation_errors_name_the_field(request_fields, code, field):
         request.tokens.ids.extend([1, 2, 3])
     if request_fields == {"text": ""}:
         request = pb.PrefillRequest()
-    error = _error(request, tokenize=lambda text, special: [1])
+    error = _error(request, prompts=WordPrompts(lambda text: [1]))
     assert error.code.name == code
     assert error.message.startswith(field), error.message
 
@@ -305,11 +317,129 @@ def test_validation_logits_limits():
     long = pb.PrefillRequest(tokens=pb.TokenIds(ids=[1] * 9), returns=all_logits)
     assert _error(long).code == grpc.StatusCode.OUT_OF_RANGE
     empty_text = pb.PrefillRequest(text="x")
-    assert _error(empty_text, tokenize=lambda text, special: []).message.startswith("text")
+    assert _error(empty_text, prompts=WordPrompts(lambda text: [])).message.startswith("text")
     too_long_text = pb.PrefillRequest(text="x")
     assert (
-        _error(too_long_text, tokenize=lambda text, special: [1] * 1001).code == grpc.StatusCode.OUT_OF_RANGE
+        _error(too_long_text, prompts=WordPrompts(lambda text: [1] * 1001)).code
+        == grpc.StatusCode.OUT_OF_RANGE
     )
+
+
+# text and chat input -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chat_prompts():
+    from _support import tiny_chat_tokenizer
+
+    from proxyprefill.workers.prompts import PromptEncoder
+
+    return PromptEncoder(tiny_chat_tokenizer())
+
+
+def _chat_request(*turns, add_generation_prompt=True, **fields):
+    chat = pb.Chat(
+        messages=[pb.ChatMessage(role=role, content=content) for role, content in turns],
+        add_generation_prompt=add_generation_prompt,
+    )
+    return pb.PrefillRequest(chat=chat, **fields)
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_input_is_tokenised_by_the_models_chat_template(chat_prompts, add_generation_prompt):
+    turns = [("system", "w3"), ("user", "w1 w2")]
+    request = _chat_request(*turns, add_generation_prompt=add_generation_prompt)
+    plan = validate_prefill(request, LIMITS, chat_prompts)
+    expected = chat_prompts.tokenizer.apply_chat_template(
+        [{"role": role, "content": content} for role, content in turns],
+        tokenize=True,
+        add_generation_prompt=add_generation_prompt,
+        return_dict=False,
+    )
+    assert plan.token_ids.tolist() == list(expected) and plan.from_text
+
+
+def test_text_input_adds_special_tokens_as_asked(chat_prompts):
+    plain = validate_prefill(pb.PrefillRequest(text="w1 w2"), LIMITS, chat_prompts).token_ids.tolist()
+    special = pb.PrefillRequest(text="w1 w2", add_special_tokens=True)
+    assert validate_prefill(special, LIMITS, chat_prompts).token_ids.tolist() == [1, *plain]
+
+
+@pytest.mark.parametrize(
+    "request_, code, field",
+    [
+        (_chat_request(), "INVALID_ARGUMENT", "chat.messages is empty"),
+        (_chat_request(("user", "w1"), ("robot", "w2")), "INVALID_ARGUMENT", "chat.messages[1].role"),
+        (_chat_request(("assistant", "w1")), "INVALID_ARGUMENT", "chat.messages were refused"),
+        (_chat_request(("user", "w1"), add_special_tokens=True), "INVALID_ARGUMENT", "add_special_tokens"),
+        (_chat_request(("user", "x" * (LIMITS.max_text_bytes + 1))), "OUT_OF_RANGE", "chat.messages"),
+    ],
+)
+def test_chat_errors_name_the_field(chat_prompts, request_, code, field):
+    error = _error(request_, prompts=chat_prompts)
+    assert error.code.name == code
+    assert error.message.startswith(field), error.message
+
+
+def test_chat_without_a_tokenizer_or_a_template_is_a_failed_precondition():
+    request = _chat_request(("user", "w1"))
+    no_tokenizer = _error(request, prompts=None)
+    no_template = _error(request, prompts=WordPrompts(lambda text: [1]))
+    for error in (no_tokenizer, no_template):
+        assert error.code == grpc.StatusCode.FAILED_PRECONDITION and error.message.startswith("chat")
+    assert "chat template" in no_template.message
+
+
+def test_client_builds_chat_requests():
+    from proxyprefill.service.client import PrefillClient
+    from proxyprefill.workers.prompts import ChatMessage
+
+    messages = [ChatMessage("system", "be brief"), ChatMessage("user", "hello")]
+    request = PrefillClient.request(messages=messages, add_generation_prompt=False)
+    assert request.WhichOneof("input") == "chat" and not request.chat.add_generation_prompt
+    assert [(m.role, m.content) for m in request.chat.messages] == [("system", "be brief"), ("user", "hello")]
+    assert PrefillClient.request(messages=[]).WhichOneof("input") == "chat"  # the server names the error
+    with pytest.raises(ValueError, match="exactly one"):
+        PrefillClient.request(text="hello", messages=messages)
+
+
+def _prompt_args(**flags):
+    import argparse
+
+    values = dict(file=None, text=None, messages=None, chat=False)
+    values.update(add_special_tokens=False, no_generation_prompt=False)
+    values.update(flags)
+    return argparse.Namespace(**values)
+
+
+def test_cli_prompt_flags(tmp_path):
+    from proxyprefill.cli import PromptArgumentError, prompt_from_args
+    from proxyprefill.workers.prompts import ChatMessage
+
+    assert prompt_from_args(_prompt_args(text="hi", add_special_tokens=True)) == {
+        "text": "hi",
+        "add_special_tokens": True,
+    }
+    assert prompt_from_args(_prompt_args(text="hi", chat=True, no_generation_prompt=True)) == {
+        "messages": [ChatMessage("user", "hi")],
+        "add_generation_prompt": False,
+    }
+    conversation = tmp_path / "chat.json"
+    conversation.write_text(
+        json.dumps([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+    )
+    assert prompt_from_args(_prompt_args(messages=str(conversation)))["messages"] == [
+        ChatMessage("system", "s"),
+        ChatMessage("user", "u"),
+    ]
+    conversation.write_text(json.dumps([{"role": "user"}]))
+    for flags, flag in [
+        ({"messages": str(conversation)}, "--messages"),
+        ({"text": "hi", "chat": True, "add_special_tokens": True}, "--add-special-tokens"),
+        ({"text": "hi", "no_generation_prompt": True}, "--no-generation-prompt"),
+        ({"text": "hi", "messages": str(conversation)}, "--messages"),
+    ]:
+        with pytest.raises(PromptArgumentError) as caught:
+            prompt_from_args(_prompt_args(**flags))
+        assert str(caught.value).startswith(flag), caught.value
 
 
 # wire format ---------------------------------------------------------------------------------

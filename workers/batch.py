@@ -19,6 +19,11 @@ compatibility header, workers/kv_files.py), `nll/<stem>.safetensors` (`token_nll
 -log p(token i+1 | tokens <= i)), `logits/<stem>.safetensors` (`last_logits` float32 [vocab]), and
 `stats` (timings and sparsity) in its manifest line. Documents already in the manifest are
 skipped, so a rerun after an interruption does only what is missing.
+
+Text documents are tokenised as a decode side would (workers/prompts.py): plain text with the
+tokenizer's special tokens unless `add_special_tokens=False`, or, with `chat_template=True`, each
+document as one user message formatted by the model's chat template (which writes the special
+tokens itself). Documents given as token ids are taken as they are.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from .batch_io import (
 )
 from .engine import PrefillEngine, PrefillError, PrefillResult
 from .kv_files import HEADER_KEY, save_kv
+from .prompts import ChatMessage, PromptEncoder, PromptError
 
 EMIT_KINDS = ("kv", "nll", "logits", "stats")
 ORDERS = ("longest-first", "input")
@@ -81,6 +87,16 @@ class BatchOptions:
     text_field: str = "text"
     id_field: str = "id"
     ray_address: str | None = None  # None: join a running cluster if there is one, else start one
+    # how text documents become token ids (workers/prompts.py)
+    chat_template: bool = False  # each text document as one user message, in the model's chat template
+    add_generation_prompt: bool = True  # with chat_template: end with the assistant header
+    add_special_tokens: bool | None = None  # None: True for plain text, False with chat_template
+
+    @property
+    def special_tokens(self) -> bool:
+        """add_special_tokens as it applies: the tokenizer's default (True) for plain text unless
+        told otherwise; never with the chat template, which writes them itself."""
+        return not self.chat_template if self.add_special_tokens is None else self.add_special_tokens
 
     def validate(self) -> BatchOptions:
         """Raise BatchOptionError naming the first bad option; return self."""
@@ -124,6 +140,13 @@ class BatchOptions:
             raise BatchOptionError("--order", f"must be one of {', '.join(ORDERS)}, got {self.order!r}")
         if self.ray_address is not None and self.workers == 0:
             raise BatchOptionError("--ray-address", "needs --workers >= 1 (workers 0 runs in this process)")
+        if self.chat_template and self.add_special_tokens:
+            raise BatchOptionError(
+                "--add-special-tokens",
+                "must be false with --chat-template: the chat template writes the special tokens itself",
+            )
+        if not self.chat_template and not self.add_generation_prompt:
+            raise BatchOptionError("--no-generation-prompt", "applies only with --chat-template")
         return self
 
 
@@ -274,7 +297,11 @@ class Plan:
 
 
 def plan_work(options: BatchOptions, manifest: Manifest, tokenizer) -> Plan:
-    """Read and tokenise the input; documents that cannot run get their failed manifest line here."""
+    """Read and tokenise the input; documents that cannot run get their failed manifest line here.
+    A chat template asked for on a model without one is refused before any document is read."""
+    prompts = None if tokenizer is None else PromptEncoder(tokenizer)
+    if options.chat_template and (prompts is None or not prompts.has_chat_template):
+        raise BatchOptionError("--chat-template", "the model's tokenizer has no chat template")
     plan, seen = Plan([], 0, 0, 0), set()
     for doc in read_documents(options.input, options.text_field, options.id_field):
         plan.documents_found += 1
@@ -286,7 +313,7 @@ def plan_work(options: BatchOptions, manifest: Manifest, tokenizer) -> Plan:
             error, ids = "duplicate id: an earlier document has it", None
         else:
             seen.add(doc.doc_id)
-            ids, error = _token_ids(doc, tokenizer, options.max_tokens)
+            ids, error = _token_ids(doc, prompts, options)
         if error:
             plan.documents_failed += 1
             manifest.append(
@@ -299,22 +326,29 @@ def plan_work(options: BatchOptions, manifest: Manifest, tokenizer) -> Plan:
     return plan
 
 
-def _token_ids(doc, tokenizer, max_tokens: int | None) -> tuple[np.ndarray | None, str | None]:
+def _token_ids(
+    doc, prompts: PromptEncoder | None, options: BatchOptions
+) -> tuple[np.ndarray | None, str | None]:
     if doc.error:
         return None, doc.error
     if doc.token_ids is not None:
         ids = doc.token_ids
-    elif tokenizer is None:
+    elif prompts is None:
         return None, "the model has no tokenizer: give this document as token_ids"
     elif not doc.text.strip():
         return None, "empty document: no text"
+    elif options.chat_template:
+        try:
+            ids = prompts.encode_chat([ChatMessage("user", doc.text)], options.add_generation_prompt)
+        except PromptError as exc:  # the template refused it
+            return None, f"chat template: {exc}"
     else:
-        ids = tokenizer.encode(doc.text)
+        ids = prompts.encode_text(doc.text, options.special_tokens)
     ids = np.asarray(ids, dtype=np.int64)
     if ids.size == 0:
         return ids, "empty document: no tokens"
-    if max_tokens is not None and ids.size > max_tokens:
-        return ids, f"too long: {ids.size} tokens, --max-tokens is {max_tokens}"
+    if options.max_tokens is not None and ids.size > options.max_tokens:
+        return ids, f"too long: {ids.size} tokens, --max-tokens is {options.max_tokens}"
     return ids, None
 
 
