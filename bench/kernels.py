@@ -312,60 +312,74 @@ def run_length(n: int, args, cudnn, fa2, flex, rows: list) -> None:
     """Every measurement at one length (inputs freed on return)."""
     reps = repeats_for(n, args.repeats)
     q, k, v = random_inputs(n, seed=n)
+    base, ref_dense = dense_baselines(n, q, k, v, args, cudnn, fa2, reps)
+    rows.append({"kind": "dense", **base})
+    for sparsity in args.sparsities:
+        rows.append(forced_mask_row(n, sparsity, q, k, v, base, ref_dense, args, flex, reps))
+    rows.append(estimation_row(n, q, k, base, reps))
+    rows.extend(proxy_attention_rows(n, q, k, v, base, cudnn, reps))
+    torch.cuda.empty_cache()
+
+
+def dense_baselines(n: int, q, k, v, args, cudnn, fa2, reps: int) -> tuple[dict, torch.Tensor]:
+    """cuDNN (and FlashAttention-2) on K/V repeated to the query heads; the timings and cuDNN's
+    output, the reference of the dense mask."""
     kr, vr = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
-    dense_flops = 4 * D * causal_pairs(n)
     base = {"n": n, "cudnn": time_ms(lambda: cudnn(q, kr, vr), reps)}
     if not args.no_fa2:
         base["fa2"] = time_ms(lambda: fa2(q, kr, vr), reps)
-    ref_dense = cudnn(q, kr, vr)
     t_cudnn = base["cudnn"]["median_ms"]
-    base["cudnn_tflops"] = dense_flops / t_cudnn / 1e9
-    rows.append({"kind": "dense", **base})
+    base["cudnn_tflops"] = 4 * D * causal_pairs(n) / t_cudnn / 1e9
     print(
         f"\n== N={n}: cuDNN {t_cudnn:.2f} ms ({base['cudnn_tflops']:.0f} TFLOP/s)"
         + (f", FA2 {base['fa2']['median_ms']:.2f} ms" if "fa2" in base else ""),
         flush=True,
     )
+    return base, cudnn(q, kr, vr)
 
-    # forced masks
-    for sparsity in args.sparsities:
-        index = forced_index(n, sparsity, seed=n + 1)
-        density = kept_pairs(index, n) / causal_pairs(n)
-        ours = time_ms(lambda index=index: triton_attention.block_sparse_attention(q, k, v, index), reps)
-        out, _ = triton_attention.block_sparse_attention(q, k, v, index)
-        row = {
-            "kind": "forced",
-            "n": n,
-            "target_sparsity": sparsity,
-            "density": density,
-            "ours": ours,
-            "ours_tflops_kept": 4 * D * kept_pairs(index, n) / ours["median_ms"] / 1e9,
-            "efficiency_vs_cudnn": density * t_cudnn / ours["median_ms"],
-        }
-        if sparsity == 0.0:
-            row["rel_err_vs_cudnn"] = rel_err(out, ref_dense)
-        if flex is not None and n <= args.flex_max:
-            try:
-                mask = flex_block_mask(index, n)
-                fout = flex(q, k, v, block_mask=mask, enable_gqa=True)
-                row["flex"] = time_ms(lambda mask=mask: flex(q, k, v, block_mask=mask, enable_gqa=True), reps)
-                row["rel_err_vs_flex"] = rel_err(out, fout)
-                del mask, fout
-            except Exception as exc:  # a peer failing must not lose the run
-                row["flex_error"] = repr(exc)[:300]
-        rows.append(row)
-        flex_txt = f" flex {row['flex']['median_ms']:.2f} ms" if "flex" in row else ""
-        err_txt = "".join(
-            f" {key}={row[key]:.1e}" for key in ("rel_err_vs_cudnn", "rel_err_vs_flex") if key in row
-        )
-        print(
-            f"  sparsity {sparsity:4.2f} (density {density:.3f}): ours {ours['median_ms']:.2f} ms "
-            f"{row['ours_tflops_kept']:.0f} TFLOP/s, eff {row['efficiency_vs_cudnn']:.2f}{flex_txt}{err_txt}",
-            flush=True,
-        )
-        del index, out
 
-    # estimation alone
+def forced_mask_row(n: int, sparsity: float, q, k, v, base: dict, ref_dense, args, flex, reps: int) -> dict:
+    """Our block-sparse attention on a forced mask of `sparsity`, and FlexAttention on the same."""
+    t_cudnn = base["cudnn"]["median_ms"]
+    index = forced_index(n, sparsity, seed=n + 1)
+    density = kept_pairs(index, n) / causal_pairs(n)
+    ours = time_ms(lambda index=index: triton_attention.block_sparse_attention(q, k, v, index), reps)
+    out, _ = triton_attention.block_sparse_attention(q, k, v, index)
+    row = {
+        "kind": "forced",
+        "n": n,
+        "target_sparsity": sparsity,
+        "density": density,
+        "ours": ours,
+        "ours_tflops_kept": 4 * D * kept_pairs(index, n) / ours["median_ms"] / 1e9,
+        "efficiency_vs_cudnn": density * t_cudnn / ours["median_ms"],
+    }
+    if sparsity == 0.0:
+        row["rel_err_vs_cudnn"] = rel_err(out, ref_dense)
+    if flex is not None and n <= args.flex_max:
+        try:
+            mask = flex_block_mask(index, n)
+            fout = flex(q, k, v, block_mask=mask, enable_gqa=True)
+            row["flex"] = time_ms(lambda mask=mask: flex(q, k, v, block_mask=mask, enable_gqa=True), reps)
+            row["rel_err_vs_flex"] = rel_err(out, fout)
+            del mask, fout
+        except Exception as exc:  # a peer failing must not lose the run
+            row["flex_error"] = repr(exc)[:300]
+    flex_txt = f" flex {row['flex']['median_ms']:.2f} ms" if "flex" in row else ""
+    err_txt = "".join(
+        f" {key}={row[key]:.1e}" for key in ("rel_err_vs_cudnn", "rel_err_vs_flex") if key in row
+    )
+    print(
+        f"  sparsity {sparsity:4.2f} (density {density:.3f}): ours {ours['median_ms']:.2f} ms "
+        f"{row['ours_tflops_kept']:.0f} TFLOP/s, eff {row['efficiency_vs_cudnn']:.2f}{flex_txt}{err_txt}",
+        flush=True,
+    )
+    return row
+
+
+def estimation_row(n: int, q, k, base: dict, reps: int) -> dict:
+    """Estimation alone: proxy scores, budgets and the index, together and apart."""
+    t_cudnn = base["cudnn"]["median_ms"]
     cfg = ProxyAttnConfig(proxy_groups=1, stride=4, gamma=0.95)
 
     def estimate(q=q, k=k, cfg=cfg):
@@ -380,36 +394,41 @@ def run_length(n: int, args, cudnn, fa2, flex, rows: list) -> None:
     }
     scores, budgets = triton_scores.estimate_block_scores(q, k, cfg), triton_budgets.head_budgets(q, k, cfg)
     parts["index"] = time_ms(lambda: triton_index.build_block_mask(scores, budgets, cfg), reps)
-    rows.append(
-        {
-            "kind": "estimation",
-            "n": n,
-            "total": est,
-            **parts,
-            "fraction_of_cudnn": est["median_ms"] / t_cudnn,
-        }
-    )
     print(
         f"  estimation {est['median_ms']:.2f} ms = {100 * est['median_ms'] / t_cudnn:.2f}% of cuDNN "
         f"(scores {parts['scores']['median_ms']:.2f}, budgets {parts['budgets']['median_ms']:.2f}, "
         f"index {parts['index']['median_ms']:.2f})",
         flush=True,
     )
+    return {
+        "kind": "estimation",
+        "n": n,
+        "total": est,
+        **parts,
+        "fraction_of_cudnn": est["median_ms"] / t_cudnn,
+    }
 
-    # whole proxy_attention: natural budgets, and ~95% sparsity
-    configs = [
-        ("random", "gamma0.90", ProxyAttnConfig(gamma=0.90)),
-        ("random", "gamma0.95", ProxyAttnConfig(gamma=0.95)),
-        ("structured", "gamma0.90", ProxyAttnConfig(gamma=0.90)),
-        ("structured", "gamma0.95", ProxyAttnConfig(gamma=0.95)),
-        (
-            "random",
-            "sparsity~0.95",
-            ProxyAttnConfig(budget="gamma+power", gamma=0.01, alpha=0.05, exponent=1.0, min_budget_tokens=0),
-        ),
-    ]
+
+# the whole proxy_attention: natural budgets, and ~95% sparsity
+WHOLE_CONFIGS = [
+    ("random", "gamma0.90", ProxyAttnConfig(gamma=0.90)),
+    ("random", "gamma0.95", ProxyAttnConfig(gamma=0.95)),
+    ("structured", "gamma0.90", ProxyAttnConfig(gamma=0.90)),
+    ("structured", "gamma0.95", ProxyAttnConfig(gamma=0.95)),
+    (
+        "random",
+        "sparsity~0.95",
+        ProxyAttnConfig(budget="gamma+power", gamma=0.01, alpha=0.05, exponent=1.0, min_budget_tokens=0),
+    ),
+]
+
+
+def proxy_attention_rows(n: int, q, k, v, base: dict, cudnn, reps: int) -> list[dict]:
+    """The whole proxy_attention (estimation, index, attention) per WHOLE_CONFIGS entry."""
+    t_cudnn = base["cudnn"]["median_ms"]
+    rows = []
     structured = None
-    for inputs, label, cfg in configs:
+    for inputs, label, cfg in WHOLE_CONFIGS:
         if inputs == "structured" and structured is None:
             structured = structured_inputs(n, seed=n + 2)
         qq, kk, vv = (q, k, v) if inputs == "random" else structured
@@ -444,95 +463,7 @@ def run_length(n: int, args, cudnn, fa2, flex, rows: list) -> None:
             flush=True,
         )
         del out, stats
-    torch.cuda.empty_cache()
-
-
-def markdown_tables(result: dict) -> str:
-    """BENCHMARKS.md tables from a result JSON (python bench/kernels.py --markdown FILE)."""
-    rows = result["rows"]
-    dense = {r["n"]: r for r in rows if r["kind"] == "dense"}
-    lines = [
-        f"Device: {result['device']}; torch {result['torch']}, triton {result['triton']}, "
-        f"commit {result['commit'][:10]}, {result['date_utc']}. Times are medians in ms.",
-        "",
-        "Block-sparse attention on forced masks (random ranking; sink + diagonal forced). "
-        "eff = density x T_cuDNN / T_ours (target >= 0.85).",
-        "",
-        "| N | cuDNN | FA2 | sparsity | density | ours | TFLOP/s kept | eff | Flex (same mask) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        if r["kind"] != "forced":
-            continue
-        base = dense[r["n"]]
-        fa2 = f"{base['fa2']['median_ms']:.2f}" if "fa2" in base else "-"
-        flex = f"{r['flex']['median_ms']:.2f}" if "flex" in r else "-"
-        lines.append(
-            f"| {r['n'] // 1024}k | {base['cudnn']['median_ms']:.2f} | {fa2} | {r['target_sparsity']:.2f} | "
-            f"{r['density']:.3f} | {r['ours']['median_ms']:.2f} | {r['ours_tflops_kept']:.0f} | "
-            f"{r['efficiency_vs_cudnn']:.2f} | {flex} |"
-        )
-    lines += [
-        "",
-        "Estimation (proxy scores + budgets + index, proxy_groups 1, stride 4), against dense cuDNN "
-        "(targets: <= 5% at 32k, <= 3% at 128k).",
-        "",
-        "| N | scores | budgets | index | total | % of cuDNN |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        if r["kind"] == "estimation":
-            index = f"{r['index']['median_ms']:.2f}" if "index" in r else "-"
-            lines.append(
-                f"| {r['n'] // 1024}k | {r['scores']['median_ms']:.2f} | {r['budgets']['median_ms']:.2f} | "
-                f"{index} | {r['total']['median_ms']:.2f} | {100 * r['fraction_of_cudnn']:.2f}% |"
-            )
-    lines += [
-        "",
-        "Whole proxy_attention (estimation + index + attention), speedup over dense SDPA.",
-        "",
-        "| N | inputs | budgets | causal sparsity | time | x cuDNN | x FA2 |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        if r["kind"] == "proxy_attention":
-            fa2 = f"{r['speedup_vs_fa2']:.1f}" if "speedup_vs_fa2" in r else "-"
-            lines.append(
-                f"| {r['n'] // 1024}k | {r['inputs']} | {r['config']} | {r['causal_sparsity']:.3f} | "
-                f"{r['whole']['median_ms']:.2f} | {r['speedup_vs_cudnn']:.1f} | {fa2} |"
-            )
-    cross = [r for r in rows if r["kind"] == "crossover"]
-    if cross:
-        labels = list(cross[0]["sparse"])
-        lines += [
-            "",
-            "Crossover (structured inputs): our dense path against the whole sparse path.",
-            "",
-            "| N | ours dense | cuDNN | " + " | ".join(labels) + " |",
-            "|---|---|---|" + "---|" * len(labels),
-        ]
-        for r in cross:
-            cells = [
-                f"{r['sparse'][lab]['proxy_attention']['median_ms']:.2f} "
-                f"(sparsity {r['sparse'][lab]['causal_sparsity']:.2f})"
-                for lab in labels
-            ]
-            lines.append(
-                f"| {r['n'] // 1024}k | {r['ours_dense']['median_ms']:.2f} | {r['cudnn']['median_ms']:.2f} | "
-                + " | ".join(cells)
-                + " |"
-            )
-    if result.get("kernel_resources"):
-        lines += [
-            "",
-            "Kernel resources (last compiled launch): "
-            + ", ".join(
-                f"{name}: {res['registers']} registers, {res['spills']} spills, "
-                f"{res['shared_bytes']} B shared"
-                for name, res in result["kernel_resources"].items()
-            ),
-        ]
-    return "\n".join(lines)
+    return rows
 
 
 def git_commit() -> str:
@@ -563,6 +494,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.markdown:
+        from kernels_tables import markdown_tables
+
         print(markdown_tables(json.loads(args.markdown.read_text())))
         return
 
