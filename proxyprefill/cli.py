@@ -35,10 +35,12 @@ def _client(args):
 
 
 def _add_client_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the prefill service")
+    parser.add_argument(
+        "--server", default="127.0.0.1:50051", help="HOST:PORT of the prefill service (default: %(default)s)"
+    )
     parser.add_argument("--token", help="bearer token (default: $PROXYPREFILL_TOKEN)")
-    parser.add_argument("--tls-ca", help="PEM CA certificate: connect with TLS")
-    parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    parser.add_argument("--tls-ca", help="PEM CA certificate: connect with TLS (default: plaintext)")
+    parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds (default: none)")
 
 
 # serve ---------------------------------------------------------------------------------------
@@ -559,6 +561,78 @@ def _add_calibrate_flags(parser: argparse.ArgumentParser) -> None:
     add("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
 
 
+def _add_prefill_flags(parser: argparse.ArgumentParser) -> None:
+    _add_client_flags(parser)
+    parser.add_argument("--file", help="text file to prefill (default: none)")
+    parser.add_argument("--text", help="text to prefill, instead of --file (default: none)")
+    parser.add_argument(
+        "--add-special-tokens",
+        action="store_true",
+        help="add the tokenizer's special tokens around the text, as tokenizer(text) does by default: "
+        "BOS for Llama and Mistral tokenizers, nothing for SmolLM2 or Qwen; tokenise as the decode "
+        "side will (default: off)",
+    )
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="send the text as one user message, formatted by the model's chat template "
+        "(default: plain text)",
+    )
+    parser.add_argument(
+        "--messages",
+        metavar="FILE",
+        help='JSON file of a conversation, [{"role": "system|user|assistant|tool", "content": "..."}, ...], '
+        "formatted by the model's chat template (instead of --file or --text; default: none)",
+    )
+    parser.add_argument(
+        "--no-generation-prompt",
+        action="store_true",
+        help="with --chat or --messages: do not end with the assistant header (default: end with it, so "
+        "that decoding continues as the assistant's reply)",
+    )
+    parser.add_argument(
+        "--return",
+        dest="return_",
+        choices=["kv", "logits", "none"],
+        default="kv",
+        help="what comes back: a KV handle, the last position's logits, or only the summary "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out", help="with --return kv: fetch the KV and write it as safetensors (default: keep the handle)"
+    )
+    parser.add_argument(
+        "--chunk-size", type=int, default=0, help="prefill chunk in tokens (default: 0, the server's)"
+    )
+    parser.add_argument(
+        "--attention",
+        choices=["proxy", "dense"],
+        default=None,
+        help="attention mode (default: the server's, or the model's calibrated profile)",
+    )
+    parser.add_argument(
+        "--lease-seconds", type=int, default=0, help="how long the KV handle lives (default: 0, the server's)"
+    )
+
+
+def _add_decode_flags(parser: argparse.ArgumentParser) -> None:
+    _add_client_flags(parser)
+    parser.add_argument("--handle", required=True, help="the KV handle a prefill returned (required)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=32, help="tokens to decode greedily (default: %(default)s)"
+    )
+    parser.add_argument("--model", default=None, help="the model (default: the embedded SmolLM2)")
+    parser.add_argument(
+        "--layout",
+        choices=["contiguous", "paged"],
+        default="contiguous",
+        help="decode from the KV as fetched, or from a paged copy of it (default: contiguous)",
+    )
+    parser.add_argument(
+        "--page-size", type=int, default=16, help="tokens per block of the paged layout (default: 16)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="proxyprefill", description="Long-context prefill service (ProxyAttn)"
@@ -577,55 +651,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(run=cmd_serve)
 
     prefill = commands.add_parser("prefill", help="send a document to a running service")
-    _add_client_flags(prefill)
-    prefill.add_argument("--file", help="text file to prefill")
-    prefill.add_argument("--text", help="text to prefill (instead of --file)")
-    prefill.add_argument(
-        "--add-special-tokens",
-        action="store_true",
-        help="add the tokenizer's special tokens around the text, as tokenizer(text) does by default: "
-        "BOS for Llama and Mistral tokenizers, nothing for SmolLM2 or Qwen; tokenise as the decode "
-        "side will (default: off)",
-    )
-    prefill.add_argument(
-        "--chat",
-        action="store_true",
-        help="send the text as one user message, formatted by the model's chat template "
-        "(default: plain text)",
-    )
-    prefill.add_argument(
-        "--messages",
-        metavar="FILE",
-        help='JSON file of a conversation, [{"role": "system|user|assistant|tool", "content": "..."}, ...], '
-        "formatted by the model's chat template (instead of --file or --text; default: none)",
-    )
-    prefill.add_argument(
-        "--no-generation-prompt",
-        action="store_true",
-        help="with --chat or --messages: do not end with the assistant header (default: end with it, so "
-        "that decoding continues as the assistant's reply)",
-    )
-    prefill.add_argument("--return", dest="return_", choices=["kv", "logits", "none"], default="kv")
-    prefill.add_argument("--out", help="with --return kv: fetch the KV and write it as safetensors")
-    prefill.add_argument("--chunk-size", type=int, default=0)
-    prefill.add_argument("--attention", choices=["proxy", "dense"], default=None)
-    prefill.add_argument("--lease-seconds", type=int, default=0)
+    _add_prefill_flags(prefill)
     prefill.set_defaults(run=cmd_prefill)
 
     decode = commands.add_parser("decode", help="pull a handle's KV and continue the text greedily")
-    _add_client_flags(decode)
-    decode.add_argument("--handle", required=True)
-    decode.add_argument("--max-new-tokens", type=int, default=32)
-    decode.add_argument("--model", default=None, help="the model (default: the embedded SmolLM2)")
-    decode.add_argument(
-        "--layout",
-        choices=["contiguous", "paged"],
-        default="contiguous",
-        help="decode from the KV as fetched, or from a paged copy of it (default: contiguous)",
-    )
-    decode.add_argument(
-        "--page-size", type=int, default=16, help="tokens per block of the paged layout (default: 16)"
-    )
+    _add_decode_flags(decode)
     decode.set_defaults(run=cmd_decode)
 
     info = commands.add_parser("info", help="model, limits and health of a running service")
@@ -633,9 +663,21 @@ def main(argv: list[str] | None = None) -> int:
     info.set_defaults(run=cmd_info)
 
     demo = commands.add_parser("demo", help="start the service in-process and prefill a long document")
-    demo.add_argument("--chunk-size", type=int, default=1024)
-    demo.add_argument("--min-budget-tokens", type=int, default=256)
-    demo.add_argument("--max-new-tokens", type=int, default=24)
+    demo.add_argument(
+        "--chunk-size", type=int, default=1024, help="prefill chunk in tokens (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--min-budget-tokens",
+        type=int,
+        default=256,
+        help="ProxyAttn's per-row budget floor, in tokens (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=24,
+        help="tokens decoded after the prefill (default: %(default)s)",
+    )
     demo.set_defaults(run=cmd_demo)
 
     batch = commands.add_parser(
