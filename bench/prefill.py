@@ -177,29 +177,65 @@ def measure(fn, repeats: int) -> dict:
     return summary
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU (smoke run)")
-    parser.add_argument("--lengths", type=int, nargs="+", default=None)
-    parser.add_argument("--chunks", type=int, nargs="+", default=None)
-    parser.add_argument("--densities", type=float, nargs="+", default=[0.10, 0.05])
-    parser.add_argument("--repeats", type=int, nargs="+", default=None, help="repeats per length")
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--skip-stock-above", type=int, default=1 << 30)
+    parser.add_argument(
+        "--tiny", action="store_true", help="a 2-layer model on the CPU (smoke run; default: off)"
+    )
+    parser.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="prompt lengths (default: 32768 131072; tiny 1024 2048)",
+    )
+    parser.add_argument(
+        "--chunks",
+        type=int,
+        nargs="+",
+        default=None,
+        help="chunk sizes (default: 8192 16384 32768; tiny 256 512)",
+    )
+    parser.add_argument(
+        "--densities",
+        type=float,
+        nargs="+",
+        default=[0.10, 0.05],
+        help="ProxyAttn causal densities (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, nargs="+", default=None, help="repeats per length (default: 3 1; tiny 1 each)"
+    )
+    parser.add_argument("--backend", default="auto", help="attention backend (default: %(default)s)")
+    parser.add_argument(
+        "--skip-stock-above",
+        type=int,
+        default=1 << 30,
+        help="no stock transformers row above this length (default: %(default)s)",
+    )
     parser.add_argument(
         "--engine-warm-up",
         action="store_true",
         help="run PrefillEngine.warm_up (largest chunk, longest length) before anything else (default: off)",
     )
-    parser.add_argument("--commit", default=None)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--commit", default=None, help="commit recorded in the JSON (default: git's HEAD)")
     parser.add_argument(
-        "--profile", action="store_true", help="profile one proxy prefill per length (no timings saved)"
+        "--out",
+        default=None,
+        help="result JSON (default: bench/results/prefill-<device>.json; also into $OUT)",
     )
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile one proxy prefill per length (no timings saved; default: off)",
+    )
+    return parser.parse_args(argv)
 
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     shape = TINY if args.tiny else LLAMA_8B
@@ -258,9 +294,33 @@ def main(argv=None) -> dict:
     if args.engine_warm_up:
         warmed = engine.warm_up(chunks[-1], max(lengths), progress=lambda message: print(message, flush=True))
         report["engine_warm_up_seconds"] = warmed.seconds
-    # warm-up at every chunk size (two chunks, so the offset paths run too): Triton compiles and
-    # autotunes per shape, cuDNN builds its plans; none of that belongs in the timings. These are
-    # the process's first requests: their times are kept apart, as the cold start
+    warm = first_requests(engine, report, shape, lengths, chunks, args.densities, config, generator)
+    run_stock(model, warm[: chunks[0]], device)
+
+    if args.profile:
+        for length in lengths:
+            ids = torch.randint(0, shape["vocab_size"], (length,), generator=generator)
+            profile_prefill(engine, ids, chunks[-1], args.densities[-1], config)
+        return report
+
+    for length, reps in zip(lengths, repeats):
+        ids = torch.randint(0, shape["vocab_size"], (length,), generator=generator)
+        for row in timed_rows(model, engine, ids, reps, chunks, args, config, report):
+            report["rows"].append(row)
+            save()
+    report["speedups"] = speedups(report)
+    report["wall_seconds"] = time.perf_counter() - started
+    save()
+    print(json.dumps(report["speedups"], indent=1))
+    return report
+
+
+def first_requests(engine, report, shape, lengths, chunks, densities, config, generator) -> torch.Tensor:
+    """Warm-up at every chunk size (two chunks, so the offset paths run too): Triton compiles and
+    autotunes per shape, cuDNN builds its plans; none of that belongs in the timings. These are
+    the process's first requests: their times are kept apart (report["first_requests"]), as the
+    cold start. A failing proxy path is recorded as report["proxy_error"]. Returns the last
+    warm-up prompt."""
     report["first_requests"] = []
     for chunk in chunks:
         warm = torch.randint(0, shape["vocab_size"], (min(lengths[0], 2 * chunk),), generator=generator)
@@ -268,7 +328,7 @@ def main(argv=None) -> dict:
         report["first_requests"].append(
             {"tokens": warm.numel(), "chunk_size": chunk, "mode": "dense", **first}
         )
-        for density in args.densities if "proxy_error" not in report else []:
+        for density in densities if "proxy_error" not in report else []:
             try:
                 first = run_engine(engine, warm, chunk, "proxy", density, config)
                 report["first_requests"].append(
@@ -284,61 +344,53 @@ def main(argv=None) -> dict:
                 report["proxy_error"] = f"{type(exc).__name__}: {exc}"
                 print("proxy path failed:", report["proxy_error"], flush=True)
                 break
-    run_stock(model, warm[: chunks[0]], device)
+    return warm
 
-    if args.profile:
-        for length in lengths:
-            ids = torch.randint(0, shape["vocab_size"], (length,), generator=generator)
-            profile_prefill(engine, ids, chunks[-1], args.densities[-1], config)
-        return report
 
-    for length, reps in zip(lengths, repeats):
-        ids = torch.randint(0, shape["vocab_size"], (length,), generator=generator)
-        plan = []
-        if length <= args.skip_stock_above:
-            plan.append(("stock", None, None))
-        # the middle chunk size first: if the call runs out of time, the main rows exist
-        ordered = sorted(chunks, key=lambda c: (c != chunks[len(chunks) // 2], c))
-        for chunk in ordered:
-            plan.append(("dense", chunk, None))
-            if "proxy_error" not in report:
-                plan.extend(("proxy", chunk, density) for density in args.densities)
-        for mode, chunk, density in plan:
-            try:
-                if mode == "stock":
-                    row = measure(lambda ids=ids: run_stock(model, ids, device), reps)
-                else:
-                    row = measure(
-                        lambda ids=ids, c=chunk, m=mode, d=density: run_engine(engine, ids, c, m, d, config),
-                        reps,
-                    )
-            except torch.cuda.OutOfMemoryError as exc:
-                row = {"error": f"out of memory: {str(exc).splitlines()[0]}"}
-                torch.cuda.empty_cache()
-            except Exception as exc:
-                row = {"error": f"{type(exc).__name__}: {exc}"}
-            row.update({"tokens": length, "mode": mode, "chunk_size": chunk, "target_density": density})
-            if mode != "stock":
-                row["dense_kernel"] = attention_mod.dense_path_used.get("kernel")
-            report["rows"].append(row)
-            save()
-            print(
-                f"{length:>7} {mode:>5} chunk={chunk!s:>6} density={density!s:>5}: "
-                + (
-                    row["error"]
-                    if "error" in row
-                    else f"{row['seconds']:.3f}s peak={(row['peak_memory_bytes'] or 0) / 2**30:.1f}GiB "
-                    f"sparsity={row.get('mean_causal_sparsity', 0):.3f} "
-                    f"est={row.get('estimate_seconds', 0):.3f}s "
-                    f"attn={row.get('attention_seconds', 0):.3f}s"
-                ),
-                flush=True,
-            )
-    report["speedups"] = speedups(report)
-    report["wall_seconds"] = time.perf_counter() - started
-    save()
-    print(json.dumps(report["speedups"], indent=1))
-    return report
+def timed_rows(model, engine, ids, reps, chunks, args, config, report):
+    """The timed rows of one prompt: stock transformers (unless too long), then per chunk size the
+    dense engine and ProxyAttn at each density; yields each row as it is measured."""
+    length = ids.numel()
+    device = engine.device
+    plan = []
+    if length <= args.skip_stock_above:
+        plan.append(("stock", None, None))
+    # the middle chunk size first: if the call runs out of time, the main rows exist
+    ordered = sorted(chunks, key=lambda c: (c != chunks[len(chunks) // 2], c))
+    for chunk in ordered:
+        plan.append(("dense", chunk, None))
+        if "proxy_error" not in report:
+            plan.extend(("proxy", chunk, density) for density in args.densities)
+    for mode, chunk, density in plan:
+        try:
+            if mode == "stock":
+                row = measure(lambda ids=ids: run_stock(model, ids, device), reps)
+            else:
+                row = measure(
+                    lambda ids=ids, c=chunk, m=mode, d=density: run_engine(engine, ids, c, m, d, config),
+                    reps,
+                )
+        except torch.cuda.OutOfMemoryError as exc:
+            row = {"error": f"out of memory: {str(exc).splitlines()[0]}"}
+            torch.cuda.empty_cache()
+        except Exception as exc:
+            row = {"error": f"{type(exc).__name__}: {exc}"}
+        row.update({"tokens": length, "mode": mode, "chunk_size": chunk, "target_density": density})
+        if mode != "stock":
+            row["dense_kernel"] = attention_mod.dense_path_used.get("kernel")
+        print(
+            f"{length:>7} {mode:>5} chunk={chunk!s:>6} density={density!s:>5}: "
+            + (
+                row["error"]
+                if "error" in row
+                else f"{row['seconds']:.3f}s peak={(row['peak_memory_bytes'] or 0) / 2**30:.1f}GiB "
+                f"sparsity={row.get('mean_causal_sparsity', 0):.3f} "
+                f"est={row.get('estimate_seconds', 0):.3f}s "
+                f"attn={row.get('attention_seconds', 0):.3f}s"
+            ),
+            flush=True,
+        )
+        yield row
 
 
 def profile_prefill(engine, ids, chunk, density, config) -> None:
