@@ -170,11 +170,22 @@ class ServerConfig:
 
     def check(self) -> ServerConfig:
         """Returns self when every field is usable; raises ConfigError naming the first bad one."""
+        self._check_edge()
+        self._check_model_and_workers()
+        self._check_limits()
+        try:
+            self.proxy_config()
+        except ValueError as error:
+            raise ConfigError(f"ProxyAttn defaults: {error}") from None
+        return self
 
-        def need(ok: bool, name: str, what: str) -> None:
-            if not ok:
-                raise ConfigError(f"{name} {what}, got {getattr(self, name)!r}")
+    def _need(self, ok: bool, name: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{name} {what}, got {getattr(self, name)!r}")
 
+    def _check_edge(self) -> None:
+        """Listening address, TLS, tokens, metrics, tracing."""
+        need = self._need
         need(":" in self.listen, "listen", "must be HOST:PORT")
         need(bool(self.tls_cert) == bool(self.tls_key), "tls_key", "must be set together with tls_cert")
         for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file"):
@@ -188,11 +199,21 @@ class ServerConfig:
             "metrics_require_token",
             "needs auth_tokens or auth_tokens_file",
         )
+        need(self.log_level in LOG_LEVELS, "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+        if self.tracing:
+            from .tracing import TracingUnavailable, check_available
+
+            try:
+                check_available()
+            except TracingUnavailable as error:
+                raise ConfigError(f"tracing cannot be on: {error}") from None
+
+    def _check_model_and_workers(self) -> None:
+        """How the model runs and on how many workers."""
+        need = self._need
         need(self.attention in ("proxy", "dense"), "attention", "must be 'proxy' or 'dense'")
         need(self.backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}")
         need(self.device is None or _is_torch_device(self.device), "device", "must be cpu, cuda or cuda:N")
-        need(self.log_level in LOG_LEVELS, "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
-        need(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port", "must be a port")
         need(
             self.profile in ("auto", "none") or Path(self.profile).is_file(),
             "profile",
@@ -210,6 +231,11 @@ class ServerConfig:
         need(self.pipeline_stage_memory_bytes >= 0, "pipeline_stage_memory_bytes", "must be >= 0")
         need(self.worker_slots >= 1, "worker_slots", "must be >= 1")
         need(self.ray_num_cpus is None or self.ray_num_cpus >= 1, "ray_num_cpus", "must be >= 1")
+        need(self.warm_up in WARM_UP_MODES, "warm_up", f"must be one of {', '.join(WARM_UP_MODES)}")
+
+    def _check_limits(self) -> None:
+        """What a request may ask for, and what the server holds for it."""
+        need = self._need
         need(0.0 < self.min_gamma <= 1.0, "min_gamma", "must be in (0, 1]")
         need(self.min_gamma <= self.gamma <= 1.0, "gamma", "must be in [min_gamma, 1]")
         need(self.min_budget_tokens_floor >= 1, "min_budget_tokens_floor", "must be >= 1")
@@ -217,7 +243,6 @@ class ServerConfig:
         need(self.max_alpha > 0, "max_alpha", "must be > 0")
         need(self.max_text_bytes >= 1, "max_text_bytes", "must be >= 1")
         need(self.max_prompt_tokens >= 0, "max_prompt_tokens", "must be >= 0")
-        need(self.warm_up in WARM_UP_MODES, "warm_up", f"must be one of {', '.join(WARM_UP_MODES)}")
         need(self.max_pending_tokens >= 1, "max_pending_tokens", "must be >= 1")
         need(
             1 <= self.min_chunk_size <= self.max_chunk_size,
@@ -247,19 +272,7 @@ class ServerConfig:
             "must be in [1 KiB, max_kv_chunk_bytes]",
         )
         need(self.max_message_bytes >= 1 * MiB, "max_message_bytes", "must be >= 1 MiB")
-        if self.tracing:
-            from .tracing import TracingUnavailable, check_available
-
-            try:
-                check_available()
-            except TracingUnavailable as error:
-                raise ConfigError(f"tracing cannot be on: {error}") from None
         need(self.drain_seconds >= 0, "drain_seconds", "must be >= 0")
-        try:
-            self.proxy_config()
-        except ValueError as error:
-            raise ConfigError(f"ProxyAttn defaults: {error}") from None
-        return self
 
 
 _FIELDS = {f.name: f for f in fields(ServerConfig)}
