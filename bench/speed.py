@@ -117,11 +117,11 @@ def engine_row(engine, ids, chunk, mode, config, run: int) -> dict:
     return row
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--suite", choices=sorted(SUITES), help="what to measure (see above)")
+    parser.add_argument("--suite", choices=sorted(SUITES), help="what to measure (see above; default: none)")
     parser.add_argument(
         "--label", default="tree", help="name of the tree under test in the table (default: tree)"
     )
@@ -135,15 +135,91 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--out", help="JSON file written after every measurement (default: none)")
     parser.add_argument(
-        "--table", nargs="+", metavar="JSON", help="print the table of these results and exit"
+        "--table", nargs="+", metavar="JSON", help="print the table of these results and exit (default: none)"
     )
     args = parser.parse_args(argv)
+    if not args.table and not args.suite:
+        parser.error("--suite or --table is required")
+    return args
+
+
+class SpeedRun:
+    """One suite's measurements: the report, written after each, and the run's time budget."""
+
+    def __init__(self, args, report: dict):
+        self.args = args
+        self.report = report
+        self.started = time.perf_counter()
+
+    def save(self) -> None:
+        self.report["wall_seconds"] = time.perf_counter() - self.started
+        if self.args.out:
+            Path(self.args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.args.out).write_text(json.dumps(self.report, indent=1))
+
+    def within_budget(self, what: str) -> bool:
+        if time.perf_counter() - self.started < self.args.budget_s:
+            return True
+        self.report["skipped"].append(what)
+        print(f"skipped (time budget): {what}", flush=True)
+        self.save()
+        return False
+
+    def add_row(self, row: dict, key: str = "rows") -> None:
+        self.report[key].append(row)
+        self.save()
+
+    def proxy_rows(self, engine, suite, chunk, config, generator) -> None:
+        label = self.args.label
+        for tokens, runs in suite["lengths"]:
+            ids = torch.randint(0, suite["shape"]["vocab_size"], (tokens,), generator=generator)
+            for run in range(runs):
+                if not self.within_budget(f"proxy {tokens} run {run}"):
+                    break
+                row = engine_row(engine, ids, chunk, "proxy", config, run)
+                self.add_row(row)
+                print(
+                    f"{label} {tokens:>8} proxy run {run}: {row['seconds']:.2f}s (estimation "
+                    f"{row['estimate_seconds']:.2f}, attention {row['attention_seconds']:.2f}, rest "
+                    f"{row['rest_seconds']:.2f}) sparsity {row['mean_causal_sparsity']:.3f}",
+                    flush=True,
+                )
+
+    def dense_rows(self, engine, suite, chunk, config, generator) -> None:
+        tokens = suite["lengths"][0][0]
+        ids = torch.randint(0, suite["shape"]["vocab_size"], (tokens,), generator=generator)
+        run_engine(engine, ids[: 2 * chunk], chunk, "dense", None, config)  # cuDNN plans
+        for run in range(2):
+            if not self.within_budget(f"dense {tokens} run {run}"):
+                break
+            row = engine_row(engine, ids, chunk, "dense", config, run)
+            self.add_row(row)
+            print(f"{self.args.label} {tokens:>8} dense run {run}: {row['seconds']:.2f}s", flush=True)
+
+    def step_rows(self, suite, chunk, config, device, dtype, backend) -> None:
+        from transformers import LlamaConfig
+
+        from proxyprefill.workers.model import model_info_from_config
+
+        info = model_info_from_config(LlamaConfig(**suite["shape"]), self.args.suite, dtype)
+        for q_offset in suite["steps"]:
+            if not self.within_budget(f"steps at {q_offset}"):
+                break
+            row = estimation_steps(info, config, q_offset, min(chunk, q_offset), device, dtype, backend)
+            self.add_row(row, "steps")
+            print(
+                f"{self.args.label} steps at {q_offset}: scores {row['scores_ms']:.2f} "
+                f"budgets {row['budgets_ms']:.2f} index {row['index_ms']:.2f} "
+                f"attention {row['attention_ms']:.2f} ms",
+                flush=True,
+            )
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     if args.table:
         print(table([json.loads(Path(p).read_text()) for p in args.table]))
         return {}
-    if not args.suite:
-        parser.error("--suite or --table is required")
-
     suite = SUITES[args.suite]
     device = torch.device("cuda" if torch.cuda.is_available() and args.suite != "tiny" else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -152,99 +228,46 @@ def main(argv=None) -> dict:
     if device.type == "cpu":
         config = config.replace(dense_below_tokens=0)
     backend = "auto" if device.type == "cuda" else "torch"
-    started = time.perf_counter()
-    report = {
-        "benchmark": "speed",
-        "suite": args.suite,
-        "label": args.label,
-        "tree": args.tree,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "versions": versions(),
-        "git_commit": git_commit(),
-        "package": str(Path(kernels_package.__file__).resolve().parent),
-        "shape": suite["shape"],
-        "chunk_size": chunk,
-        "fixed_density": DENSITY,
-        "proxy_config": config.to_dict(),
-        "rows": [],
-        "steps": [],
-        "skipped": [],
-    }
-
-    def save() -> None:
-        report["wall_seconds"] = time.perf_counter() - started
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(report, indent=1))
-
-    def within_budget(what: str) -> bool:
-        if time.perf_counter() - started < args.budget_s:
-            return True
-        report["skipped"].append(what)
-        print(f"skipped (time budget): {what}", flush=True)
-        save()
-        return False
-
+    run = SpeedRun(
+        args,
+        {
+            "benchmark": "speed",
+            "suite": args.suite,
+            "label": args.label,
+            "tree": args.tree,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "versions": versions(),
+            "git_commit": git_commit(),
+            "package": str(Path(kernels_package.__file__).resolve().parent),
+            "shape": suite["shape"],
+            "chunk_size": chunk,
+            "fixed_density": DENSITY,
+            "proxy_config": config.to_dict(),
+            "rows": [],
+            "steps": [],
+            "skipped": [],
+        },
+    )
     torch.manual_seed(0)  # the same random weights in every tree's run
     model = build_model(suite["shape"], device, dtype)
     engine = PrefillEngine.from_model(model, model_id=f"random-{args.suite}", config=config, backend=backend)
     sync(device)
-    report["build_seconds"] = time.perf_counter() - started
+    run.report["build_seconds"] = time.perf_counter() - run.started
     longest = max(n for n, _ in suite["lengths"])
     if args.warm_up and hasattr(engine, "warm_up"):
         warm = engine.warm_up(chunk, longest, progress=lambda message: print(message, flush=True))
-        report["warm_up"] = {"seconds": warm.seconds, "key_lengths": list(warm.key_lengths)}
-    save()
-
+        run.report["warm_up"] = {"seconds": warm.seconds, "key_lengths": list(warm.key_lengths)}
+    run.save()
     generator = torch.Generator().manual_seed(0)
-    for tokens, runs in suite["lengths"]:
-        ids = torch.randint(0, suite["shape"]["vocab_size"], (tokens,), generator=generator)
-        for run in range(runs):
-            if not within_budget(f"proxy {tokens} run {run}"):
-                break
-            row = engine_row(engine, ids, chunk, "proxy", config, run)
-            report["rows"].append(row)
-            save()
-            print(
-                f"{args.label} {tokens:>8} proxy run {run}: {row['seconds']:.2f}s (estimation "
-                f"{row['estimate_seconds']:.2f}, attention {row['attention_seconds']:.2f}, rest "
-                f"{row['rest_seconds']:.2f}) sparsity {row['mean_causal_sparsity']:.3f}",
-                flush=True,
-            )
+    run.proxy_rows(engine, suite, chunk, config, generator)
     if args.dense:
-        tokens = suite["lengths"][0][0]
-        ids = torch.randint(0, suite["shape"]["vocab_size"], (tokens,), generator=generator)
-        run_engine(engine, ids[: 2 * chunk], chunk, "dense", None, config)  # cuDNN plans
-        for run in range(2):
-            if not within_budget(f"dense {tokens} run {run}"):
-                break
-            row = engine_row(engine, ids, chunk, "dense", config, run)
-            report["rows"].append(row)
-            save()
-            print(f"{args.label} {tokens:>8} dense run {run}: {row['seconds']:.2f}s", flush=True)
+        run.dense_rows(engine, suite, chunk, config, generator)
     del engine, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    from transformers import LlamaConfig
-
-    from proxyprefill.workers.model import model_info_from_config
-
-    info = model_info_from_config(LlamaConfig(**suite["shape"]), args.suite, dtype)
-    for q_offset in suite["steps"]:
-        if not within_budget(f"steps at {q_offset}"):
-            break
-        step_chunk = min(chunk, q_offset)
-        row = estimation_steps(info, config, q_offset, step_chunk, device, dtype, backend)
-        report["steps"].append(row)
-        save()
-        print(
-            f"{args.label} steps at {q_offset}: scores {row['scores_ms']:.2f} "
-            f"budgets {row['budgets_ms']:.2f} index {row['index_ms']:.2f} "
-            f"attention {row['attention_ms']:.2f} ms",
-            flush=True,
-        )
-    save()
-    return report
+    run.step_rows(suite, chunk, config, device, dtype, backend)
+    run.save()
+    return run.report
 
 
 def table(reports: list[dict]) -> str:
