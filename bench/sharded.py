@@ -278,39 +278,38 @@ def run_pipeline_gpu(report: Report, args, deadline: float) -> None:
         pipe.shutdown()
     ray.shutdown()
     if args.engine_baseline and time.monotonic() < deadline:
-        # the same model and prompt through the engine in this process: the pipeline's own overhead
-        model = build_model(LLAMA_8B, torch.device("cuda"), torch.bfloat16)
-        engine = PrefillEngine.from_model(
-            model, model_id="llama-3.1-8b-shape-random", config=proxy_config(128)
-        )
-        engine.prefill(warm, chunk_size=chunk, fixed_density=args.density, logits="last")
-        for tokens in args.pipeline_tokens:
-            generator = torch.Generator().manual_seed(tokens)  # the pipeline's prompt of this length
-            ids = torch.randint(0, LLAMA_8B["vocab_size"], (tokens,), generator=generator)
+        engine_baseline_gpu(report, args, warm)
+
+
+def engine_baseline_gpu(report: Report, args, warm: torch.Tensor) -> None:
+    """The same model and prompts through the engine in this process: the pipeline's own overhead."""
+    chunk = args.pipeline_chunk
+    model = build_model(LLAMA_8B, torch.device("cuda"), torch.bfloat16)
+    engine = PrefillEngine.from_model(model, model_id="llama-3.1-8b-shape-random", config=proxy_config(128))
+    engine.prefill(warm, chunk_size=chunk, fixed_density=args.density, logits="last")
+    for tokens in args.pipeline_tokens:
+        generator = torch.Generator().manual_seed(tokens)  # the pipeline's prompt of this length
+        ids = torch.randint(0, LLAMA_8B["vocab_size"], (tokens,), generator=generator)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            result = engine.prefill(ids, chunk_size=chunk, fixed_density=args.density, logits="last")
             torch.cuda.synchronize()
-            start = time.perf_counter()
-            try:
-                result = engine.prefill(ids, chunk_size=chunk, fixed_density=args.density, logits="last")
-                torch.cuda.synchronize()
-                row = {
-                    "scenario": "engine-baseline",
-                    "model": "llama-3.1-8b-shape",
-                    "tokens": tokens,
-                    "chunk_size": chunk,
-                    "ttft_seconds": time.perf_counter() - start,
-                    "peak_memory_bytes": result.peak_memory_bytes,
-                    "mean_causal_sparsity": float(result.sparsity.mean()),
-                }
-                del result
-            except Exception as exc:
-                row = {
-                    "scenario": "engine-baseline",
-                    "tokens": tokens,
-                    "error": f"{type(exc).__name__}: {exc}",
-                }
-            report.add(row)
-        del engine, model
-        torch.cuda.empty_cache()
+            row = {
+                "scenario": "engine-baseline",
+                "model": "llama-3.1-8b-shape",
+                "tokens": tokens,
+                "chunk_size": chunk,
+                "ttft_seconds": time.perf_counter() - start,
+                "peak_memory_bytes": result.peak_memory_bytes,
+                "mean_causal_sparsity": float(result.sparsity.mean()),
+            }
+            del result
+        except Exception as exc:
+            row = {"scenario": "engine-baseline", "tokens": tokens, "error": f"{type(exc).__name__}: {exc}"}
+        report.add(row)
+    del engine, model
+    torch.cuda.empty_cache()
 
 
 def run_cpu(report: Report, args) -> None:
