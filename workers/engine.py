@@ -19,7 +19,6 @@ Input is validated before any compute (PrefillError, a ValueError, whose message
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import operator
 import os
 import time
@@ -34,6 +33,7 @@ from . import attention as attention_mod
 from . import profiles as profiles_mod
 from .kv_cache import PreallocatedKVCache, to_dynamic_cache
 from .kv_files import KVHeader
+from .kv_wire import token_sha256
 from .model import ModelInfo, load_model
 from .profiles import Profile
 
@@ -53,12 +53,6 @@ def nll_slice_rows(vocab_size: int) -> int:
 
 class PrefillCancelled(Exception):
     """`should_stop()` returned True before a chunk or a layer; the partial work was dropped."""
-
-
-def token_ids_sha256(token_ids: torch.Tensor) -> str:
-    """sha256 of the token ids as int64 little-endian bytes (the KV header's prompt identity)."""
-    data = token_ids.detach().to("cpu", torch.int64).contiguous().numpy().astype("<i8", copy=False).tobytes()
-    return hashlib.sha256(data).hexdigest()
 
 
 def _available_memory_bytes(device: torch.device) -> int | None:
@@ -300,7 +294,7 @@ class PrefillEngine:
         ids = token_ids if isinstance(token_ids, torch.Tensor) else torch.tensor(list(token_ids))
         ids = ids.reshape(-1)
         return KVHeader.for_model(
-            self.model_info, num_tokens=int(ids.numel()), token_sha256=token_ids_sha256(ids)
+            self.model_info, num_tokens=int(ids.numel()), token_sha256=token_sha256(ids)
         )
 
     def _attention_settings(self, attention, config):
@@ -468,7 +462,7 @@ class PrefillEngine:
             attention_seconds=attention_s,
             total_seconds=total_s,
             peak_memory_bytes=peak,
-            header=KVHeader.for_model(info, num_tokens=n, token_sha256=token_ids_sha256(ids)),
+            header=KVHeader.for_model(info, num_tokens=n, token_sha256=token_sha256(ids)),
             chunk_size=chunk_size,
             attention=mode,
             token_nll=None if nll is None else nll.cpu(),

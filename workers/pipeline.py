@@ -44,8 +44,9 @@ import torch
 
 from ..kernels.config import ProxyAttnConfig
 from . import attention as attention_mod
-from .engine import PrefillError, PrefillResult, token_ids_sha256, token_tensor
+from .engine import PrefillError, PrefillResult, token_tensor
 from .kv_files import KVHeader
+from .kv_wire import token_sha256
 from .model import ModelInfo
 from .pipeline_stage import PipelineStage
 from .pipeline_timeline import PipelineTimeline
@@ -344,7 +345,7 @@ class ShardedPrefill:
             attention_seconds=sum(a for _, a, _ in stats),
             total_seconds=time.perf_counter() - started,
             peak_memory_bytes=None,
-            header=KVHeader.for_model(info, num_tokens=n, token_sha256=token_ids_sha256(tokens)),
+            header=KVHeader.for_model(info, num_tokens=n, token_sha256=token_sha256(tokens)),
             chunk_size=chunk_size,
             attention=mode,
             extra={
