@@ -16,7 +16,9 @@ The actor is *threaded* (`max_concurrency`): a prefill runs in one thread while 
   server holds the request's slot until the worker is idle and no KV outlives its request.
 - `fetch(handle, ...)` yields the KV of a handle in pieces of at most `max_chunk_bytes` (keys +
   values of one layer and one token range, workers/kv_wire.py), never pickled tensors.
-  A fetch that the server cancels (`ray.cancel` of the stream) ends at its next piece.
+  A fetch that the server cancels (`ray.cancel` of the stream) ends at its next piece. The
+  generator runs up to 8 pieces ahead of the server (`WorkerPool.fetch`'s backpressure), so the
+  copy of the next pieces to host memory overlaps the sending of the current one.
 
 KV kept for a handle stays in the actor until `release(handle)`, which waits for fetches of that
 handle in flight to end (they finish normally; later fetches find it missing). Leases (who may
