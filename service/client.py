@@ -161,7 +161,8 @@ class PrefillClient:
         if (token_ids is None) == (text is None):
             raise ValueError("give exactly one of token_ids and text")
         if token_ids is not None:
-            request.tokens.ids.extend(int(t) for t in token_ids)
+            # one C-level conversion, where a Python loop over 32k ids costs milliseconds
+            request.tokens.ids.extend(np.asarray(token_ids, dtype=np.int64).tolist())
         else:
             request.text = text
         request.returns.kv = _KV_RETURNS[kv]
