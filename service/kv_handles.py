@@ -25,6 +25,9 @@ from .validation import RequestError
 
 
 class KVHandleRPCs:
+    """PrefillServer's KV-handle methods; they use the server's `leases`, `pool`, `metrics`,
+    `config`, `_identify`, `_abort`, `_update_gauges` and `_worker_index`."""
+
     async def _worker_kv(self, worker: int, handle: str, max_chunk_bytes: int, plan=None, request=None):
         """KV pieces of `handle` from its worker (inline prefill or FetchKV)."""
         if request is not None:
