@@ -294,21 +294,13 @@ def fetch_without_ray(transfer, chunk_bytes: int, repeats: int) -> list:
 
     import grpc
 
-    from proxyprefill.service.server import SERVICE_NAME, encode_kv_chunk
-    from proxyprefill.workers.ray_pool import tensor_array
+    from proxyprefill.service.server import SERVICE_NAME
+    from proxyprefill.workers.kv_wire import encode_chunk, layer_pieces
 
     chunks, header = [], transfer.header
     for layer, (keys, values) in enumerate(zip(transfer.keys, transfer.values, strict=True)):
-        heads, num_tokens, head_dim = keys.shape
-        step = max(1, chunk_bytes // (2 * heads * head_dim * keys.element_size()))
-        for start in range(0, num_tokens, step):
-            end = min(num_tokens, start + step)
-            dtype, key_array = tensor_array(keys[:, start:end])
-            _, value_array = tensor_array(values[:, start:end])
-            shape = [heads, end - start, head_dim]
-            item = {"kind": "kv", "layer": layer, "start": start, "end": end, "dtype": dtype,
-                    "shape": shape, "keys": key_array, "values": value_array}  # fmt: skip
-            chunks.append(encode_kv_chunk(item, header))
+        for piece in layer_pieces(layer, keys, values, chunk_bytes):
+            chunks.append(encode_chunk(piece, header))
             header = None
 
     async def stream(request, context):

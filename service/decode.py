@@ -13,9 +13,9 @@ prompt's token ids are not needed, only its KV; when they are present their hash
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
+
+from proxyprefill.workers.kv_wire import token_sha256
 
 
 class DecodeError(ValueError):
@@ -38,8 +38,7 @@ def check_transfer(transfer, model_info) -> None:
     header = transfer.kv_header()
     header.check_compatible(model_info)
     if transfer.token_ids is not None:
-        data = transfer.token_ids.to(torch.int64).contiguous().numpy().astype("<i8", copy=False).tobytes()
-        if hashlib.sha256(data).hexdigest() != header.token_sha256:
+        if token_sha256(transfer.token_ids) != header.token_sha256:
             raise DecodeError("token ids do not match the KV header's token_sha256")
     if len(transfer.keys) != header.num_layers:
         raise DecodeError(f"transfer has {len(transfer.keys)} layers, the header says {header.num_layers}")

@@ -1,14 +1,19 @@
-"""The one error type the service answers with a gRPC status.
+"""The one error type the service answers with a gRPC status, and how a failed worker call becomes one.
 
 Every refusal (a malformed request, admission's back-pressure, a lease that is gone, a caller
 without a valid token) is a `ServiceError` carrying the status code and a message that names the
-field or the reason. The server turns it into that status at the edge of each RPC; the subclasses
-only say which part of the service refused.
+field or the reason. The handlers turn it into that status at the edge of each RPC (anything else
+is a bug: INTERNAL); the subclasses (validation.RequestError, admission.AdmissionError,
+leases.LeaseError, auth.AuthError) only say which part of the service refused.
 """
 
 from __future__ import annotations
 
+import logging
+
 import grpc
+
+log = logging.getLogger("proxyprefill.service")
 
 
 class ServiceError(Exception):
@@ -16,3 +21,17 @@ class ServiceError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class WorkerGone(Exception):
+    """The worker no longer holds the KV asked for (released, or it restarted)."""
+
+
+def worker_error(error: Exception) -> ServiceError:
+    """A worker that died answers UNAVAILABLE (retryable); anything else INTERNAL."""
+    name = type(error).__name__
+    if "ActorDied" in name or "ActorUnavailable" in name or "RayActorError" in name:
+        log.warning("worker lost: %s", error)
+        return ServiceError(grpc.StatusCode.UNAVAILABLE, "the worker was lost; retry the request")
+    log.error("worker call failed: %s: %s", name, error)
+    return ServiceError(grpc.StatusCode.INTERNAL, f"worker call failed: {name}")

@@ -7,7 +7,9 @@
 
 What the server knows of a worker is its index and model description; what a worker knows of a
 request is a plan (token ids, chunk size, logits, attention settings, where to keep the KV). The
-KV tensors stay on the worker that made them, under a lease kept here (service/leases.py).
+KV tensors stay on the worker that made them, under a lease kept here (service/leases.py); the
+KV-handle RPCs (FetchKV, MapKV, PushKV, RenewLease, ReleaseKV) are in service/kv_handles.py, and
+the KV's wire format in workers/kv_wire.py.
 
 Sharded requests: when the pool has a pipeline route (pipeline_workers >= 2), a request that
 forces pipeline_stages > 1, or a long one (> shard_above_tokens) for which the planner picks more
@@ -47,15 +49,16 @@ from grpc_reflection.v1alpha import reflection
 from proxyprefill import __version__
 from proxyprefill.protos import prefill_pb2 as pb
 from proxyprefill.protos import prefill_pb2_grpc as pb_grpc
-from proxyprefill.workers.kv_push import KVPushError, PushTarget
-from proxyprefill.workers.kv_share import KVShareError, share_to_message, transport_name
+from proxyprefill.workers.kv_wire import encode_event, header_message, pass_through, piece_bytes
 from proxyprefill.workers.prompts import PromptEncoder
 
 from . import audit, tracing, wire
 from .admission import Admission, AdmissionError
 from .auth import Authenticator, AuthError, Principal
 from .config import ServerConfig
-from .leases import Lease, LeaseError, LeaseTable, new_handle
+from .errors import ServiceError, worker_error
+from .kv_handles import KVHandleRPCs
+from .leases import LeaseTable, new_handle
 from .metrics import ServiceMetrics
 from .metrics_http import MetricsEndpoint
 from .validation import Limits, PrefillPlan, RequestError, validate_prefill
@@ -71,7 +74,6 @@ _WATCH_SECONDS = 1.0  # how often every worker is pinged
 _CALL_ENDED = (asyncio.CancelledError, GeneratorExit)
 _CLEANUP_SECONDS = 60.0  # how long a stop waits for cancelled prefills to free their work and KV
 
-_REQUEST_ERRORS = (RequestError, LeaseError, AdmissionError, AuthError)
 # a worker's {"kind": "error", "error": ...} item -> status (anything else: INTERNAL)
 _WORKER_ERROR_CODES = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
@@ -80,94 +82,7 @@ _WORKER_ERROR_CODES = {
 }
 
 
-def kv_header_message(header: dict, last_token_id: int = -1) -> pb.KVHeader:
-    return pb.KVHeader(
-        model_id=header["model_id"],
-        num_layers=header["num_layers"],
-        num_kv_heads=header["num_kv_heads"],
-        head_dim=header["head_dim"],
-        dtype=header["dtype"],
-        layout=header.get("layout", ""),
-        rope_theta=float(header["rope_theta"]),
-        rope_scaling_json=json.dumps(header.get("rope_scaling")),
-        num_tokens=header["num_tokens"],
-        token_sha256=header["token_sha256"],
-        format_version=header.get("format_version", 0),
-        last_token_id=last_token_id,
-    )
-
-
-def kv_chunk_message(item: dict) -> pb.KVChunk:
-    if item["kind"] == "tokens":
-        return pb.KVChunk(
-            token_start=item["start"], token_end=item["end"], dtype="int64", token_ids=item["data"]
-        )
-    return pb.KVChunk(
-        layer=item["layer"],
-        token_start=item["start"],
-        token_end=item["end"],
-        dtype=item["dtype"],
-        shape=item["shape"],
-        keys=item["keys"].tobytes(),
-        values=item["values"].tobytes(),
-    )
-
-
-# KVChunk field tags (field number << 3 | wire type 2, length-delimited)
-_KEYS_TAG, _VALUES_TAG, _TOKEN_IDS_TAG = bytes([7 << 3 | 2]), bytes([8 << 3 | 2]), bytes([9 << 3 | 2])
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
-def encode_kv_chunk(item: dict, header: pb.KVHeader | None = None) -> bytes:
-    """A serialised KVChunk built with one copy of the tensor data.
-
-    Building a KVChunk message and serialising it would copy every piece twice more; instead the
-    small fields are serialised by protobuf and the bulk fields appended in wire format (a
-    message is the concatenation of its fields, in any order), straight from the arrays that
-    Ray handed over. FetchKV's response serializer passes these bytes through unchanged."""
-    if item["kind"] == "tokens":
-        meta = pb.KVChunk(token_start=item["start"], token_end=item["end"], dtype="int64")
-        bulk = [(_TOKEN_IDS_TAG, memoryview(item["data"]))]
-    else:
-        meta = pb.KVChunk(
-            layer=item["layer"],
-            token_start=item["start"],
-            token_end=item["end"],
-            dtype=item["dtype"],
-            shape=item["shape"],
-        )
-        bulk = [
-            (_KEYS_TAG, memoryview(item["keys"]).cast("B")),
-            (_VALUES_TAG, memoryview(item["values"]).cast("B")),
-        ]
-    if header is not None:
-        meta.header.CopyFrom(header)
-    parts = [meta.SerializeToString()]
-    for tag, data in bulk:
-        parts += [tag, _varint(data.nbytes), data]
-    return b"".join(parts)
-
-
-def _pass_through(message) -> bytes:
-    return message if isinstance(message, bytes) else message.SerializeToString()
-
-
-class _WorkerGone(Exception):
-    pass
-
-
-class PrefillServer(pb_grpc.PrefillServiceServicer):
+class PrefillServer(KVHandleRPCs, pb_grpc.PrefillServiceServicer):
     def __init__(
         self,
         config: ServerConfig,
@@ -262,10 +177,11 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
 
     def _method_handlers(self) -> grpc.GenericRpcHandler:
         """The service's handlers: each identifies the caller, then reads and parses its one request
-        message itself (service/wire.py). FetchKV sends pre-serialised chunks (encode_kv_chunk)."""
+        message itself (service/wire.py). KV goes out pre-serialised (workers/kv_wire.py), so the
+        streaming methods' serializer passes bytes through."""
         methods = [
-            wire.Method("Prefill", pb.PrefillRequest, self.Prefill, pb.PrefillEvent.SerializeToString, True),
-            wire.Method("FetchKV", pb.FetchKVRequest, self.FetchKV, _pass_through, True),
+            wire.Method("Prefill", pb.PrefillRequest, self.Prefill, pass_through, True),
+            wire.Method("FetchKV", pb.FetchKVRequest, self.FetchKV, pass_through, True),
             wire.Method("RenewLease", pb.RenewLeaseRequest, self.RenewLease, pb.LeaseInfo.SerializeToString),
             wire.Method(
                 "ReleaseKV", pb.ReleaseKVRequest, self.ReleaseKV, pb.ReleaseKVResponse.SerializeToString
@@ -427,7 +343,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                 plan = await asyncio.to_thread(validate_prefill, request, self.limits, self._prompts)
             else:
                 plan = validate_prefill(request, self.limits, None)
-        except _REQUEST_ERRORS as error:
+        except ServiceError as error:
             await self._abort(context, "Prefill", error.code, error.message)
             return
         rpc = tracing.current_rpc()
@@ -439,7 +355,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             if plan.kv_return != "none":
                 reservation = self.leases.reserve(self._kv_bytes_estimate(plan.num_tokens))
             ticket = self.admission.admit(plan.num_tokens, self.pipeline_index if stages > 1 else None)
-        except _REQUEST_ERRORS as error:
+        except ServiceError as error:
             if reservation is not None:
                 self.leases.cancel(reservation)
             await self._abort(context, "Prefill", error.code, error.message)
@@ -471,7 +387,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             ) as events:
                 async for event in events:
                     yield event
-        except _REQUEST_ERRORS as error:
+        except ServiceError as error:
             await self._abort(context, "Prefill", error.code, error.message)
         except _CALL_ENDED:
             self.metrics.requests.labels("Prefill", "CANCELLED").inc()
@@ -504,7 +420,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                 self.config.shard_above_tokens,
             )
         except Exception as error:
-            raise _ray_error(error) from None
+            raise worker_error(error) from None
         if "refused" in decision:
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -567,7 +483,7 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                     await wire.finish_despite_cancellation(self._abandon(worker, key, keep_handle))
                     raise
                 except Exception as error:
-                    failure = _ray_error(error)
+                    failure = worker_error(error)
                     if failure.code == grpc.StatusCode.UNAVAILABLE:  # lost: route around it until
                         self.admission.set_available(worker, False)  # the watch hears from it again
                     raise failure from None
@@ -582,19 +498,16 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
 
             for piece in self._logit_pieces(result):
                 yield pb.PrefillEvent(logits=piece)
-            header = kv_header_message(result["header"], int(plan.token_ids[-1]))
+            header = header_message(result["header"], int(plan.token_ids[-1]))
             if plan.kv_return == "inline":
-                first = True
+                first_header = header
                 async with contextlib.aclosing(
                     self._worker_kv(worker, keep_handle, self.config.default_kv_chunk_bytes, plan)
                 ) as pieces:
                     async for item in pieces:
-                        chunk = kv_chunk_message(item)
-                        if first:
-                            chunk.header.CopyFrom(header)
-                            first = False
-                        self.metrics.kv_bytes_sent.inc(len(chunk.keys) + len(chunk.values))
-                        yield pb.PrefillEvent(kv_chunk=chunk)
+                        yield encode_event(item, first_header)
+                        first_header = None
+                        self.metrics.kv_bytes_sent.inc(piece_bytes(item))
             elif plan.kv_return == "handle":
                 lease = self.leases.commit(
                     reservation,
@@ -703,199 +616,6 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
             profile=result.get("profile", ""),  # the sharded route reports none
         )
 
-    async def _worker_kv(self, worker: int, handle: str, max_chunk_bytes: int, plan=None, request=None):
-        """KV pieces of `handle` from its worker (inline prefill or FetchKV)."""
-        if request is not None:
-            args = (
-                request.layer_start if request.HasField("layer_start") else 0,
-                request.layer_end if request.HasField("layer_end") else None,
-                request.include_token_ids,
-            )
-        else:
-            args = (0, None, plan.include_token_ids)
-        stream = self.pool.fetch(worker, handle, max_chunk_bytes, *args)
-        finished = False
-        try:
-            async for ref in stream:
-                item = await ref
-                if item["kind"] == "missing":
-                    raise _WorkerGone()
-                if item["kind"] == "unavailable":  # a pipeline stage died mid-stream; the KV is gone
-                    self.leases.lose(handle)
-                    self._update_gauges()
-                    raise RequestError(grpc.StatusCode.UNAVAILABLE, item["message"])
-                yield item
-            finished = True
-        except _WorkerGone:
-            self.leases.lose(handle)
-            self._update_gauges()
-            if request is not None:  # released or expired while this fetch started: say which
-                self.leases.get(handle, "")
-            raise RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "the KV is no longer on its worker (restarted); prefill again",
-            ) from None
-        except _REQUEST_ERRORS:
-            raise
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            raise _ray_error(error) from None
-        finally:
-            if not finished:  # the reader went away or failed: stop the worker's stream
-                self.pool.cancel_stream(stream)
-
-    # KV handles ------------------------------------------------------------------------------
-    async def FetchKV(self, request, context):
-        try:
-            principal = self._identify(context)
-            lease = self.leases.get(request.handle, principal.name)
-            max_chunk = request.max_chunk_bytes or self.config.default_kv_chunk_bytes
-            if max_chunk < 1024:
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"max_chunk_bytes must be >= 1024, got {max_chunk}"
-                )
-            max_chunk = min(max_chunk, self.config.max_kv_chunk_bytes)
-            layers = lease.header["num_layers"]
-            start = request.layer_start if request.HasField("layer_start") else 0
-            end = request.layer_end if request.HasField("layer_end") else layers
-            if not 0 <= start < end <= layers:
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"layer_start/layer_end must satisfy 0 <= start < end <= {layers}, got [{start}, {end})",
-                )
-        except _REQUEST_ERRORS as error:
-            await self._abort(context, "FetchKV", error.code, error.message)
-            return
-        header = kv_header_message(lease.header, lease.last_token_id)
-        worker = self._worker_index(lease.worker)
-        try:
-            async with contextlib.aclosing(
-                self._worker_kv(worker, lease.handle, max_chunk, request=request)
-            ) as pieces:
-                async for item in pieces:
-                    yield encode_kv_chunk(item, header)
-                    header = None
-                    if item["kind"] == "kv":
-                        self.metrics.kv_bytes_sent.inc(item["keys"].nbytes + item["values"].nbytes)
-        except _REQUEST_ERRORS as error:
-            await self._abort(context, "FetchKV", error.code, error.message)
-            return
-        self.metrics.requests.labels("FetchKV", "OK").inc()
-        audit.handle_event(lease.handle, "fetched", principal.name, layers=f"{start}-{end}")
-
-    async def MapKV(self, request, context):
-        """Same-host handoff (workers/kv_share.py): the worker shares the KV memory once per
-        transport; the lease keeps it, ReleaseKV or expiry unlinks it."""
-        try:
-            principal = self._identify(context)
-            lease = self.leases.get(request.handle, principal.name)
-            try:
-                transport = transport_name(request.transport)
-            except KVShareError as error:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
-            if lease.worker == "pipeline":
-                raise RequestError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    "handle: a sharded prefill's KV lives on several stages; use FetchKV",
-                )
-            share = await self._on_worker(lease, self.pool.share, transport, expected=KVShareError)
-        except KVShareError as error:
-            await self._abort(context, "MapKV", grpc.StatusCode.FAILED_PRECONDITION, str(error))
-            return None
-        except _REQUEST_ERRORS as error:
-            await self._abort(context, "MapKV", error.code, error.message)
-            return None
-        self.metrics.requests.labels("MapKV", "OK").inc()
-        audit.handle_event(lease.handle, "mapped", principal.name, transport=share.transport)
-        return share_to_message(share, kv_header_message(lease.header, lease.last_token_id))
-
-    async def PushKV(self, request, context):
-        """KV pushed to a receiver over gloo or NCCL (workers/kv_push.py); gRPC only controls."""
-        try:
-            principal = self._identify(context)
-            lease = self.leases.get(request.handle, principal.name)
-            try:
-                target = PushTarget.parse(
-                    request.rendezvous, request.backend, request.transfer_id, request.timeout_seconds or 60
-                )
-            except KVPushError as error:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
-            if lease.worker == "pipeline":
-                raise RequestError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    "handle: a sharded prefill's KV lives on several stages; use FetchKV",
-                )
-            started = time.perf_counter()
-            sent = await self._on_worker(lease, self.pool.push, target, expected=KVPushError)
-        except KVPushError as error:
-            await self._abort(context, "PushKV", grpc.StatusCode.UNAVAILABLE, str(error))
-            return None
-        except _REQUEST_ERRORS as error:
-            await self._abort(context, "PushKV", error.code, error.message)
-            return None
-        self.metrics.kv_bytes_sent.inc(sent)
-        self.metrics.requests.labels("PushKV", "OK").inc()
-        audit.handle_event(lease.handle, "pushed", principal.name, backend=target.backend, bytes=sent)
-        return pb.PushKVResponse(
-            header=kv_header_message(lease.header, lease.last_token_id),
-            bytes_sent=sent,
-            seconds=time.perf_counter() - started,
-        )
-
-    async def _on_worker(self, lease: Lease, method, *args, expected: type[Exception]):
-        """`method(worker, handle, *args)` on the lease's worker; its `expected` error passes
-        through, a missing handle loses the lease (FAILED_PRECONDITION)."""
-        try:
-            answer = await method(self._worker_index(lease.worker), lease.handle, *args)
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            cause = getattr(error, "cause", None)
-            if isinstance(cause, expected):
-                raise cause from None
-            raise _ray_error(error) from None
-        if answer is None:
-            self.leases.lose(lease.handle)
-            self._update_gauges()
-            raise RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "the KV is no longer on its worker (restarted); prefill again",
-            )
-        return answer
-
-    async def RenewLease(self, request, context):
-        try:
-            principal = self._identify(context)
-            lease = self.leases.renew(request.handle, principal.name, request.lease_seconds)
-        except _REQUEST_ERRORS as error:
-            await self._abort(context, "RenewLease", error.code, error.message)
-            return None
-        self.metrics.requests.labels("RenewLease", "OK").inc()
-        audit.handle_event(
-            lease.handle, "renewed", principal.name, expires_at_unix_ms=lease.expires_at_unix_ms
-        )
-        return _lease_info(lease)
-
-    async def ReleaseKV(self, request, context):
-        try:
-            principal = self._identify(context)
-            lease = self.leases.release(request.handle, principal.name)
-        except _REQUEST_ERRORS as error:
-            await self._abort(context, "ReleaseKV", error.code, error.message)
-            return None
-        audit.handle_event(lease.handle, "released", principal.name, kv_bytes=lease.kv_bytes)
-        freed = 0
-        with contextlib.suppress(Exception):
-            freed = await self.pool.release(self._worker_index(lease.worker), lease.handle)
-        self._update_gauges()
-        if not freed:  # its worker restarted or died before the watch noticed: the KV was lost
-            message = "the KV of this handle was lost with its worker (restarted); nothing was released"
-            await self._abort(context, "ReleaseKV", grpc.StatusCode.FAILED_PRECONDITION, message)
-            return None
-        self.metrics.requests.labels("ReleaseKV", "OK").inc()
-        return pb.ReleaseKVResponse(released_bytes=freed)  # what the worker freed, not the record
-
     async def GetModelInfo(self, request, context):
         try:
             self._identify(context)
@@ -942,25 +662,6 @@ class PrefillServer(pb_grpc.PrefillServiceServicer):
                 shard_above_tokens=config.shard_above_tokens,
             ),
         )
-
-
-def _lease_info(lease: Lease) -> pb.LeaseInfo:
-    return pb.LeaseInfo(
-        handle=lease.handle,
-        expires_at_unix_ms=lease.expires_at_unix_ms,
-        kv_bytes=lease.kv_bytes,
-        num_tokens=lease.num_tokens,
-    )
-
-
-def _ray_error(error: Exception) -> RequestError:
-    """A worker that died answers UNAVAILABLE (retryable); anything else INTERNAL."""
-    name = type(error).__name__
-    if "ActorDied" in name or "ActorUnavailable" in name or "RayActorError" in name:
-        log.warning("worker lost: %s", error)
-        return RequestError(grpc.StatusCode.UNAVAILABLE, "the worker was lost; retry the request")
-    log.error("worker call failed: %s: %s", name, error)
-    return RequestError(grpc.StatusCode.INTERNAL, f"worker call failed: {name}")
 
 
 def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials:

@@ -211,6 +211,29 @@ def test_expiry_unlinks_the_segment(client):
 
 
 @pytest.mark.slow
+def test_parallel_fetch_streams_equal_one_and_release_returns_to_baseline(service, client):
+    """FetchKV over two streams (layer ranges, one thread each) gives the same KV as one stream;
+    after release the worker holds no KV and no segment of ours is left in /dev/shm."""
+    stats = service.pool.stats(0)
+    baseline = ray.get(stats)["kv_bytes"]
+    segments = set(SHM_DIR.glob("proxyprefill-*"))
+    handle, ids = _handle(client, tokens=200)
+    one = client.fetch_kv(handle, include_token_ids=True, max_chunk_bytes=4096)
+    two = client.fetch_kv(handle, include_token_ids=True, max_chunk_bytes=4096, streams=2)
+    assert two.header == one.header and two.token_ids.tolist() == ids
+    assert len(two.keys) == one.header.num_layers == 2 and two.bytes_received == one.bytes_received
+    for a, b in zip(one.keys + one.values, two.keys + two.values, strict=True):
+        assert torch.equal(a, b)
+    client.map_kv(handle)
+    assert ray.get(service.pool.stats(0))["kv_bytes"] > baseline
+    client.release(handle)
+    assert ray.get(service.pool.stats(0))["kv_bytes"] == baseline
+    assert set(SHM_DIR.glob("proxyprefill-*")) <= segments
+    with pytest.raises(ValueError, match="streams"):
+        client.fetch_kv(handle, streams=0)
+
+
+@pytest.mark.slow
 def test_map_kv_refusals(client):
     import grpc
 

@@ -440,39 +440,3 @@ def test_cli_prompt_flags(tmp_path):
         with pytest.raises(PromptArgumentError) as caught:
             prompt_from_args(_prompt_args(**flags))
         assert str(caught.value).startswith(flag), caught.value
-
-
-# wire format ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_preserialised_kv_chunks_parse_as_kv_chunk_messages(dtype):
-    import torch
-
-    from proxyprefill.service.client import KVAssembler
-    from proxyprefill.service.server import encode_kv_chunk
-    from proxyprefill.workers.ray_pool import tensor_array
-
-    keys = torch.randn(3, 300, 64).to(getattr(torch, dtype))
-    values = torch.randn(3, 300, 64).to(getattr(torch, dtype))
-    header = pb.KVHeader(model_id="m", num_layers=1, num_kv_heads=3, head_dim=64, dtype=dtype, num_tokens=300)
-    assembler = KVAssembler()
-    for start, end in [(0, 128), (128, 300)]:
-        name, key_array = tensor_array(keys[:, start:end])
-        _, value_array = tensor_array(values[:, start:end])
-        item = {"kind": "kv", "layer": 0, "start": start, "end": end, "dtype": name,
-                "shape": [3, end - start, 64], "keys": key_array, "values": value_array}  # fmt: skip
-        wire = encode_kv_chunk(item, header if start == 0 else None)
-        chunk = pb.KVChunk.FromString(wire)
-        assert chunk.HasField("header") == (start == 0)
-        assert (chunk.layer, chunk.token_start, chunk.token_end, list(chunk.shape)) == (
-            0,
-            start,
-            end,
-            [3, end - start, 64],
-        )
-        assembler.add(chunk)
-    tokens = encode_kv_chunk(
-        {"kind": "tokens", "start": 0, "end": 3, "data": np.arange(3, dtype="<i8").tobytes()}
-    )
-    assert np.frombuffer(pb.KVChunk.FromString(tokens).token_ids, "<i8").tolist() == [0, 1, 2]
-    transfer = assembler.result()
-    assert torch.equal(transfer.keys[0], keys) and torch.equal(transfer.values[0], values)

@@ -33,9 +33,10 @@ from . import attention as attention_mod
 from . import profiles as profiles_mod
 from .kv_cache import PreallocatedKVCache, to_dynamic_cache
 from .kv_files import KVHeader
+from .kv_wire import token_sha256
 from .model import ModelInfo, load_model
 from .profiles import Profile
-from .request import PrefillError, PrefillRequest, build_request, token_ids_sha256, token_tensor
+from .request import PrefillError, PrefillRequest, build_request, token_tensor
 from .runner import ModelRunner, PrefillCancelled
 
 # the engine's API names these too
@@ -243,7 +244,7 @@ class PrefillEngine:
         ids = token_ids if isinstance(token_ids, torch.Tensor) else torch.tensor(list(token_ids))
         ids = ids.reshape(-1)
         return KVHeader.for_model(
-            self.model_info, num_tokens=int(ids.numel()), token_sha256=token_ids_sha256(ids)
+            self.model_info, num_tokens=int(ids.numel()), token_sha256=token_sha256(ids)
         )
 
     def request(
@@ -462,7 +463,7 @@ class PrefillEngine:
             attention_seconds=attention_s,
             total_seconds=total_s,
             peak_memory_bytes=peak,
-            header=KVHeader.for_model(info, num_tokens=n, token_sha256=token_ids_sha256(ids)),
+            header=KVHeader.for_model(info, num_tokens=n, token_sha256=token_sha256(ids)),
             chunk_size=request.chunk_size,
             attention=request.mode,
             token_nll=None if nll is None else nll.cpu(),

@@ -9,7 +9,6 @@ KVMismatchError naming the field, and refuses a file whose tensors contradict it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import MISSING, asdict, dataclass, fields
@@ -125,11 +124,6 @@ class KVData:
         return to_dynamic_cache(self.keys, self.values)
 
 
-def _sha256(token_ids: torch.Tensor) -> str:
-    data = token_ids.to("cpu", torch.int64).contiguous().numpy().astype("<i8", copy=False).tobytes()
-    return hashlib.sha256(data).hexdigest()
-
-
 def save_kv(path: str | os.PathLike, result) -> None:
     """Write a PrefillResult's (or KVData's) KV, token ids and header to a safetensors file."""
     from safetensors.torch import save_file
@@ -165,8 +159,10 @@ def load_kv(path: str | os.PathLike, expect=None, device: str | torch.device = "
     token_ids = tensors.pop("token_ids")
     if token_ids.numel() != header.num_tokens:
         raise KVMismatchError("num_tokens", int(token_ids.numel()), header.num_tokens)
-    if _sha256(token_ids) != header.token_sha256:
-        raise KVMismatchError("token_sha256", _sha256(token_ids), header.token_sha256)
+    from .kv_wire import token_sha256  # kv_wire builds on this module's KVHeader
+
+    if token_sha256(token_ids) != header.token_sha256:
+        raise KVMismatchError("token_sha256", token_sha256(token_ids), header.token_sha256)
     keys, values = [], []
     expected_shape = (header.num_kv_heads, header.num_tokens, header.head_dim)
     expected_dtype = getattr(torch, header.dtype)

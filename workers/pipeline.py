@@ -45,11 +45,12 @@ from ..kernels.config import ProxyAttnConfig
 from . import attention as attention_mod
 from .engine import PrefillResult
 from .kv_files import KVHeader
+from .kv_wire import token_sha256
 from .model import ModelInfo
 from .pipeline_stage import PipelineStage
 from .pipeline_timeline import PipelineTimeline
 from .planner import InsufficientResources, balanced_layer_ranges, stage_bytes
-from .request import PrefillError, PrefillRequest, build_request, token_ids_sha256
+from .request import PrefillError, PrefillRequest, build_request
 from .stage_model import StageSpec
 
 TRANSPORTS = ("object_store", "collective")
@@ -272,7 +273,7 @@ class ShardedPrefill:
             attention_seconds=sum(a for _, a, _ in stats),
             total_seconds=time.perf_counter() - started,
             peak_memory_bytes=None,
-            header=KVHeader.for_model(self.model_info, num_tokens=n, token_sha256=token_ids_sha256(tokens)),
+            header=KVHeader.for_model(self.model_info, num_tokens=n, token_sha256=token_sha256(tokens)),
             chunk_size=request.chunk_size,
             attention=request.mode,
             extra={

@@ -289,10 +289,10 @@ class PipelineStage:
         self, request_id: str, max_chunk_bytes: int, layer_start: int = 0, layer_end: int | None = None
     ):
         """The FetchKV pieces of this stage's layers within [layer_start, layer_end), in the pool
-        workers' format (ray_pool.PrefillWorker.fetch: little-endian numpy arrays of the keys and
+        workers' format (workers/kv_wire.py: little-endian numpy arrays of the keys and
         values of one layer and one token range, at most `max_chunk_bytes`, global layer numbers); a
         Ray streaming generator. First item {"kind": "missing"} when the request's KV is not here."""
-        from .ray_pool import layer_kv_pieces
+        from .kv_wire import layer_pieces
 
         cache = self.caches.get(request_id)
         if cache is None:
@@ -301,7 +301,7 @@ class PipelineStage:
         layer_end = self.spec.layer_stop if layer_end is None else layer_end
         for layer in range(max(layer_start, self.spec.layer_start), min(layer_end, self.spec.layer_stop)):
             keys, values = cache.layer_kv(layer - self.spec.layer_start)
-            yield from layer_kv_pieces(layer, keys, values, max_chunk_bytes)
+            yield from layer_pieces(layer, keys, values, max_chunk_bytes)
 
 
 def _cache_bytes(cache: PreallocatedKVCache) -> int:

@@ -14,9 +14,11 @@ The actor is *threaded* (`max_concurrency`): a prefill runs in one thread while 
   `abandon(key, handle)` is what the server calls when the client went away: it stops the
   prefill, *waits until it has really ended*, and frees whatever KV it kept, so that the
   server holds the request's slot until the worker is idle and no KV outlives its request.
-- `fetch(handle, ...)` yields the KV of a handle as raw little-endian bytes in pieces of at
-  most `max_chunk_bytes` (keys + values of one layer and one token range), never pickled tensors.
-  A fetch that the server cancels (`ray.cancel` of the stream) ends at its next piece.
+- `fetch(handle, ...)` yields the KV of a handle in pieces of at most `max_chunk_bytes` (keys +
+  values of one layer and one token range, workers/kv_wire.py), never pickled tensors.
+  A fetch that the server cancels (`ray.cancel` of the stream) ends at its next piece. The
+  generator runs up to 8 pieces ahead of the server (`WorkerPool.fetch`'s backpressure), so the
+  copy of the next pieces to host memory overlaps the sending of the current one.
 
 KV kept for a handle stays in the actor until `release(handle)`, which waits for fetches of that
 handle in flight to end (they finish normally; later fetches find it missing). Leases (who may
@@ -37,6 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from .kv_wire import layer_pieces, token_pieces
 
 log = logging.getLogger("proxyprefill.workers")
 
@@ -90,43 +94,6 @@ def task_cancelled() -> bool:
         return ray.is_initialized() and ray.get_runtime_context().is_canceled()
     except Exception:  # not inside a Ray task
         return False
-
-
-def tensor_array(tensor) -> tuple[str, np.ndarray]:
-    """(dtype name, C-contiguous little-endian numpy array) of a CPU-or-GPU tensor, with one copy
-    at most. bfloat16 goes through int16, which numpy can hold, with the same bits. Ray moves
-    numpy arrays out of band (no pickling of the data), and the server reads them in place."""
-    import torch
-
-    tensor = tensor.detach()
-    name = str(tensor.dtype).removeprefix("torch.")
-    if tensor.dtype == torch.bfloat16:
-        tensor = tensor.view(torch.int16)
-    array = np.ascontiguousarray(tensor.to("cpu").numpy())
-    if array.dtype.byteorder == ">":
-        array = array.astype(array.dtype.newbyteorder("<"))
-    return name, array
-
-
-def layer_kv_pieces(layer: int, keys, values, max_chunk_bytes: int):
-    """The FetchKV pieces of one layer's KV ([Hkv, N, d] each): token ranges whose keys plus
-    values take at most `max_chunk_bytes` (at least one token), as little-endian numpy arrays."""
-    heads, num_tokens, head_dim = keys.shape
-    step = max(1, max_chunk_bytes // (2 * heads * head_dim * keys.element_size()))
-    for start in range(0, num_tokens, step):
-        end = min(num_tokens, start + step)
-        dtype, key_array = tensor_array(keys[:, start:end])
-        _, value_array = tensor_array(values[:, start:end])
-        yield {
-            "kind": "kv",
-            "layer": layer,
-            "start": start,
-            "end": end,
-            "dtype": dtype,
-            "shape": [heads, end - start, head_dim],
-            "keys": key_array,
-            "values": value_array,
-        }
 
 
 class StreamingPrefills:
@@ -441,14 +408,10 @@ class PrefillWorker(StreamingPrefills):
     def _kv_pieces(stored: StoredKV, max_chunk_bytes, layer_start, layer_end, include_token_ids):
         """fetch's items; stops early when the server cancelled the stream."""
         if include_token_ids:
-            per_piece = max(1, max_chunk_bytes // 8)
-            ids = stored.token_ids.astype("<i8", copy=False)
-            for start in range(0, ids.shape[0], per_piece):
-                end = min(ids.shape[0], start + per_piece)
-                yield {"kind": "tokens", "start": start, "end": end, "data": ids[start:end].tobytes()}
+            yield from token_pieces(stored.token_ids, max_chunk_bytes)
         layer_end = len(stored.keys) if layer_end is None else layer_end
         for layer in range(layer_start, layer_end):
-            for piece in layer_kv_pieces(layer, stored.keys[layer], stored.values[layer], max_chunk_bytes):
+            for piece in layer_pieces(layer, stored.keys[layer], stored.values[layer], max_chunk_bytes):
                 if task_cancelled():
                     return
                 yield piece

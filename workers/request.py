@@ -8,7 +8,6 @@ nothing after it checks the same things again.
 
 from __future__ import annotations
 
-import hashlib
 import operator
 from dataclasses import dataclass
 
@@ -173,9 +172,3 @@ def token_tensor(token_ids, vocab_size: int, max_positions: int | None = None) -
     if max_positions is not None and ids.numel() > max_positions:
         raise PrefillError(f"prompt has {ids.numel()} tokens; the model allows at most {max_positions}")
     return ids
-
-
-def token_ids_sha256(token_ids: torch.Tensor) -> str:
-    """sha256 of the token ids as int64 little-endian bytes (the KV header's prompt identity)."""
-    data = token_ids.detach().to("cpu", torch.int64).contiguous().numpy().astype("<i8", copy=False).tobytes()
-    return hashlib.sha256(data).hexdigest()
