@@ -62,6 +62,14 @@ class Variant:
     attention: str  # "dense" or "proxy"
     config: ProxyAttnConfig
     factor: str  # which knob this variant moves away from the base ("" for the base and dense)
+    layer_gammas: tuple[float, ...] = ()  # one gamma per layer (a calibrated profile's); () = config.gamma
+
+    @property
+    def prefill_config(self) -> ProxyAttnConfig | tuple[ProxyAttnConfig, ...]:
+        """What the engine's prefill takes: the config, or one per layer when gammas differ by layer."""
+        if not self.layer_gammas:
+            return self.config
+        return tuple(self.config.replace(gamma=gamma) for gamma in self.layer_gammas)
 
 
 def sweep_variants(base: ProxyAttnConfig, num_kv_heads: int, gammas=(0.8, 0.9, 0.95, 0.99)) -> list[Variant]:
@@ -230,7 +238,7 @@ def measure_nll(
         ids,
         chunk_size=chunk_size,
         logits=range(len(ids) - 1),
-        config=variant.config,
+        config=variant.prefill_config,
         attention=variant.attention,
         attention_observer=observer,
     )
@@ -265,7 +273,7 @@ def prefill_and_decode(engine, prompt: list[int], answer: list[int], variant: Va
         prompt,
         chunk_size=chunk_size,
         logits="last",
-        config=variant.config,
+        config=variant.prefill_config,
         attention=variant.attention,
         attention_observer=observer,
     )

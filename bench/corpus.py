@@ -11,6 +11,7 @@ from proxyprefill.workers.corpus import (  # noqa: F401
     haystack_paragraphs,
     license_text,
     long_license_text,
+    long_nll_texts,
     nll_texts,
     stdlib_docstrings,
 )

@@ -64,6 +64,7 @@ class NeedleTrace:
     last_position: int  # absolute position of the prompt's last token
     scale: float
     min_share: float = 0.05
+    layer_gammas: tuple[float, ...] = ()  # a per-layer gamma profile's; () = config.gamma everywhere
     heads: list[HeadTrace] = field(default_factory=list)
 
     @torch.no_grad()
@@ -80,9 +81,10 @@ class NeedleTrace:
         if not readers:
             return
         q_last = q[:, :, r0:]
-        budgets = reference.head_budgets(q_last, k, self.config, q_offset + r0, self.scale)[0, :, 0]
-        rank_proxy = self._group_rank(q_last, k, q_offset + r0, self.config)
-        rank_stride1 = self._group_rank(q_last, k, q_offset + r0, self.config.replace(stride=1))
+        config = self.config.replace(gamma=self.layer_gammas[layer]) if self.layer_gammas else self.config
+        budgets = reference.head_budgets(q_last, k, config, q_offset + r0, self.scale)[0, :, 0]
+        rank_proxy = self._group_rank(q_last, k, q_offset + r0, config)
+        rank_stride1 = self._group_rank(q_last, k, q_offset + r0, config.replace(stride=1))
         rank_block = _rank_of(block_mass, self.needle_block)
         rank_final = _rank_of(final_mass, self.needle_block)
         for head in readers:

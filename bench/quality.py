@@ -15,12 +15,19 @@ Every variant runs the same workload as dense in the same process:
 - time per sample: wall seconds of the prompt's prefill (measurement hooks included) and the
   attention seconds (estimation + attention, CUDA events, hooks excluded);
 - for sparse variants, where the needle's block was dropped and by which rule
-  (bench/needle_trace.py).
+  (bench/needle_trace.py);
+- prefill speed: per length, the first prompt prefilled `--timing-repeats` times more without
+  any measurement hook (wall seconds, synchronised), against dense's.
 
 Variants are named settings on top of the library defaults (`ProxyAttnConfig()`), written
 `name:field=value,...` (`proxy_groups=kv` means one proxy per KV head), e.g.
-`default:` or `g-kv:proxy_groups=kv`. `dense` is always run first. Results go to a JSON file
-(rewritten after every variant) and a table on stdout; bench/plot_quality.py draws the PNGs.
+`default:` or `g-kv:proxy_groups=kv`. A variant whose settings start with `profile` runs the
+settings of the calibrated profile given by `--profile` (per-layer gammas included, dense when
+the profile keeps dense attention), with any further `field=value` changed on top, e.g.
+`profile:profile` (what the engine serves with that profile) or
+`profile-meanpool:profile,estimator=meanpool` (the coarse estimator on the same budgets).
+`dense` is always run first. Results go to a JSON file (rewritten after every variant) and
+tables on stdout (`--summarize FILE` prints them again); bench/plot_quality.py draws the PNGs.
 """
 
 from __future__ import annotations
@@ -46,39 +53,68 @@ import paired  # noqa: E402
 import ruler  # noqa: E402
 
 from proxyprefill.kernels import ProxyAttnConfig  # noqa: E402
+from proxyprefill.workers import profiles  # noqa: E402
 
 DEFAULT_VARIANTS = ("default:", "meanpool:estimator=meanpool", "g-kv:proxy_groups=kv")
+PROFILE_SETTING = "profile"  # first setting of a variant: start from the --profile file's settings
+
+# The quality bound of the GPU targets (bench/ACCURACY.md), per length against dense on the same
+# prompts: successes lost at most this share of dense's successes, exact-match rate at most this
+# far below dense's, and ΔNLL at most this much on every text.
+MAX_LOST_SHARE = 0.02
+MAX_EM_DROP = 0.02
+MAX_DELTA_NLL = 0.02
 
 
 # --------------------------------------------------------------------------------------------
 # Variants and workload
 # --------------------------------------------------------------------------------------------
-def parse_variant(spec: str, num_kv_heads: int, base: ProxyAttnConfig) -> accuracy.Variant:
-    """`name:field=value,...` -> a proxy Variant on `base`; `dense` -> the dense variant."""
+def parse_variant(
+    spec: str, num_kv_heads: int, base: ProxyAttnConfig, profile: profiles.Profile | None = None
+) -> accuracy.Variant:
+    """`name:field=value,...` -> a proxy Variant on `base`; `name:profile,field=value,...` -> the
+    profile's settings with those changes; `dense` -> the dense variant."""
     if spec == "dense":
         return accuracy.Variant("dense", "dense", base, "")
     name, sep, settings = spec.partition(":")
     if not sep or not name:
         raise ValueError(f"variant {spec!r}: expected name:field=value,... (or 'dense')")
+    items = [item for item in settings.split(",") if item]
+    attention, layer_gammas, start = "proxy", (), base
+    from_profile = bool(items) and items[0] == PROFILE_SETTING
+    if from_profile:
+        if profile is None:
+            raise ValueError(f"variant {name!r}: {PROFILE_SETTING!r} needs --profile FILE")
+        items = items[1:]
+        attention, start = profile.settings.attention, profile.settings.config
+        layer_gammas = profile.settings.layer_gammas
+        if attention == "dense" and items:
+            raise ValueError(
+                f"variant {name!r}: the profile keeps dense attention, so {','.join(items)} has "
+                "nothing to change; leave the variant out"
+            )
     fields = {f.name: f for f in dataclasses.fields(ProxyAttnConfig)}
     changes: dict = {}
-    for item in filter(None, settings.split(",")):
+    for item in items:
         key, eq, text = item.partition("=")
         if not eq or key not in fields:
             raise ValueError(f"variant {name!r}: unknown setting {item!r}; fields: {sorted(fields)}")
         if key == "proxy_groups" and text == "kv":
             changes[key] = num_kv_heads
             continue
-        kind = type(getattr(base, key))
+        kind = type(getattr(start, key))
         try:
             changes[key] = kind(text)
         except ValueError:
             raise ValueError(f"variant {name!r}: {key}={text!r} is not a {kind.__name__}") from None
+    if layer_gammas and "gamma" in changes:
+        raise ValueError(f"variant {name!r}: the profile sets gamma per layer; gamma= would be ignored")
     try:
-        config = base.replace(**changes)
+        config = start.replace(**changes)
     except ValueError as error:
         raise ValueError(f"variant {name!r}: {error}") from None
-    return accuracy.Variant(name, "proxy", config, ",".join(sorted(changes)))
+    factor = ",".join([PROFILE_SETTING] * from_profile + sorted(changes))
+    return accuracy.Variant(name, attention, config, factor, tuple(layer_gammas))
 
 
 @dataclass(frozen=True)
@@ -123,9 +159,8 @@ def build_needles(encode, lengths: list[int], count: int) -> list[NeedleSample]:
 
 def nll_workload(encode, nll_length: int) -> tuple[list[dict], list[dict]]:
     """The two NLL texts (long licence prose, docstrings), their first `nll_length` tokens."""
-    texts = [t for t in (corpus.long_license_text(), corpus.stdlib_docstrings()) if t is not None]
     items, sources = [], []
-    for text in texts:
+    for text in corpus.long_nll_texts():
         ids = encode(text.text)[:nll_length]
         items.append({"name": text.name, "ids": ids})
         sources.append({**text.describe(), "tokens_used": len(ids)})
@@ -146,8 +181,11 @@ def chain(*observers):
     return call
 
 
-def run_variant(engine, variant, needles, nll_items, chunk_size: int, recall_samples: int) -> dict:
-    """Retrieval, trace, sparsity, recall and NLL of one variant (per length where it applies)."""
+def run_variant(
+    engine, variant, needles, nll_items, chunk_size: int, recall_samples: int, timing_repeats: int = 0
+) -> dict:
+    """Retrieval, trace, sparsity, recall, NLL and prefill time of one variant (per length where
+    it applies)."""
     info = engine.model_info
     scale = 1.0 / math.sqrt(info.head_dim)
     bs = variant.config.block_size
@@ -166,7 +204,13 @@ def run_variant(engine, variant, needles, nll_items, chunk_size: int, recall_sam
         trace = None
         if variant.attention == "proxy":
             middle = (sample.needle_span[0] + sample.needle_span[1]) // 2
-            trace = needle_trace.NeedleTrace(variant.config, middle // bs, len(sample.prompt_ids) - 1, scale)
+            trace = needle_trace.NeedleTrace(
+                variant.config,
+                middle // bs,
+                len(sample.prompt_ids) - 1,
+                scale,
+                layer_gammas=variant.layer_gammas,
+            )
         predicted, result = accuracy.prefill_and_decode(
             engine,
             sample.prompt_ids,
@@ -205,11 +249,34 @@ def run_variant(engine, variant, needles, nll_items, chunk_size: int, recall_sam
         "attention": variant.attention,
         "factor": variant.factor,
         "config": variant.config.to_dict(),
+        "layer_gammas": list(variant.layer_gammas),
         "sparsity": {str(n): probes[n].sparsity() for n in lengths},
         "recall": {str(n): recall_probes[n].recall() for n in sorted(recall_probes)},
         "nll": nll,
+        "prefill_seconds": time_prefills(engine, variant, needles, chunk_size, timing_repeats),
         "samples": samples,
     }
+
+
+@torch.no_grad()
+def time_prefills(engine, variant, needles, chunk_size: int, repeats: int) -> dict[str, list[float]]:
+    """Per length: wall seconds of `repeats` prefills of its first prompt, without any observer
+    (the retrieval runs before them compiled the kernels); empty when `repeats` is 0."""
+    seconds: dict[str, list[float]] = {}
+    for sample in needles if repeats else ():
+        if str(sample.length) in seconds:
+            continue
+        runs = seconds[str(sample.length)] = []
+        for _ in range(repeats):
+            result = engine.prefill(
+                sample.prompt_ids,
+                chunk_size=chunk_size,
+                config=variant.prefill_config,
+                attention=variant.attention,
+            )
+            runs.append(result.total_seconds)
+            del result
+    return seconds
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,6 +298,15 @@ def compare_with_dense(variant: dict, dense: dict) -> dict:
             # the median leaves out the first prompts' kernel compilation
             "attention_seconds_median": statistics.median(attention_seconds),
         }
+        timed = variant.get("prefill_seconds", {}).get(str(length))
+        dense_timed = dense.get("prefill_seconds", {}).get(str(length))
+        if timed and dense_timed:
+            entry["prefill_seconds"] = {
+                "median": statistics.median(timed),
+                "min": min(timed),
+                "max": max(timed),
+            }
+            entry["prefill_speedup"] = statistics.median(dense_timed) / statistics.median(timed)
         traced = [s["needle"] for s in mine if "needle" in s]
         if traced:
             entry["needle_drops"] = {
@@ -299,6 +375,78 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def meets_quality_bound(variant: dict, length: str) -> bool:
+    """The targets' quality bound at one length (MAX_LOST_SHARE, MAX_EM_DROP, MAX_DELTA_NLL)."""
+    r = variant["against_dense"]["per_length"][length]["retrieval"]
+    deltas = variant["against_dense"]["nll_delta"].values()
+    return (
+        r["lost"] <= MAX_LOST_SHARE * r["reference_successes"]
+        and r["difference"] >= -MAX_EM_DROP
+        and all(d <= MAX_DELTA_NLL for d in deltas)
+    )
+
+
+def targets_table(report: dict) -> str:
+    """Markdown: per (variant, length), the quality bound against dense and the prefill speed-up.
+
+    ΔNLL is per text, measured once per variant (at --nll-length), so it repeats across lengths."""
+    head = ["variant", "length", "sparsity", "lost / dense's successes", "Δ EM, points", "worst ΔNLL"]
+    head += ["meets the bound", "prefill s, median [range]", "speed-up vs dense"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in report["variants"]:
+        deltas = v["against_dense"]["nll_delta"].values()
+        for length, entry in v["against_dense"]["per_length"].items():
+            r = entry["retrieval"]
+            timed = entry.get("prefill_seconds")
+            row = [v["name"], length, f"{v['sparsity'][length]['overall']:.3f}"]
+            if v is report["variants"][0]:
+                row += ["—", "—", "—", "—"]
+            else:
+                row += [f"{r['lost']} / {r['reference_successes']}", f"{100 * r['difference']:+.1f}"]
+                row += [f"{max(deltas):+.4f}" if deltas else "—"]
+                row += ["yes" if meets_quality_bound(v, length) else "**no**"]
+            row.append(f"{timed['median']:.3f} [{timed['min']:.3f}, {timed['max']:.3f}]" if timed else "—")
+            row.append(f"{entry['prefill_speedup']:.2f}x" if timed else "—")
+            lines.append("| " + " | ".join(row) + " |")
+    bound = (
+        f"bound: lost <= {MAX_LOST_SHARE:.0%} of dense's successes, EM >= dense - {100 * MAX_EM_DROP:g} "
+        f"points, ΔNLL <= +{MAX_DELTA_NLL} on every text"
+    )
+    return "\n".join([bound, "", *lines])
+
+
+def describe_profile(profile: profiles.Profile, path: Path) -> dict:
+    """What the report keeps of the --profile file: its settings, choice and every candidate."""
+    from proxyprefill.workers import calibration
+
+    chosen = profile.chosen
+    return {
+        "path": str(path),
+        "name": profile.name,
+        "settings": dataclasses.asdict(profile.settings),
+        "proxy_met_target": profile.proxy_met_target,
+        "calibration": dataclasses.asdict(profile.calibration),
+        "chosen": None if chosen is None else dataclasses.asdict(chosen),
+        "candidates": [
+            {"name": m.name, "sparsity": m.sparsity, "worst_delta_nll": m.worst_delta_nll}
+            for m in profile.candidates
+        ],
+        "environment": dataclasses.asdict(profile.environment),
+        "description": calibration.describe(profile),
+    }
+
+
+def print_tables(report: dict) -> None:
+    """The profile's description (when one was given), the full table and the targets table."""
+    if report.get("profile"):
+        print(report["profile"]["description"] + "\n")
+    if not report["variants"]:
+        print("no variant finished")
+        return
+    print(table(report) + "\n")
+    print(targets_table(report))
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
@@ -326,12 +474,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--recall-samples", type=int, default=10, help="prompts per length with recall (default 10)"
     )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="calibrated profile (proxyprefill calibrate --out) whose settings variants starting with "
+        "'profile' run (default none)",
+    )
+    p.add_argument(
+        "--timing-repeats",
+        type=int,
+        default=3,
+        help="hook-free prefills of each length's first prompt, timed per variant (default 3; 0 = none)",
+    )
     p.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
     p.add_argument(
         "--out", type=Path, required=False, default=None, help="JSON path (required unless --summarize)"
     )
-    p.add_argument("--summarize", type=Path, default=None, help="print the table of a results JSON and exit")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--summarize",
+        type=Path,
+        default=None,
+        help="print the tables of a results JSON and exit (default none)",
+    )
+    args = p.parse_args(argv)
+    if args.timing_repeats < 0:
+        p.error(f"--timing-repeats must be >= 0, got {args.timing_repeats}")
+    return args
 
 
 def main(argv=None, engine=None, encode=None) -> dict:
@@ -341,23 +510,37 @@ def main(argv=None, engine=None, encode=None) -> dict:
         report = json.loads(args.summarize.read_text())
         for variant in report["variants"]:
             variant["against_dense"] = compare_with_dense(variant, report["variants"][0])
-        print(table(report))
+        print_tables(report)
         return report
     if args.out is None:
         raise SystemExit("--out is required")
+    profile = None
+    if args.profile is not None:
+        try:
+            profile = profiles.Profile.load(args.profile)
+        except profiles.ProfileError as error:
+            raise SystemExit(f"--profile: {error}") from None
     if engine is None:
         from proxyprefill.workers.engine import PrefillEngine
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        engine = PrefillEngine.from_pretrained(args.model, attention="proxy", device=device, dtype=dtype)
+        engine = PrefillEngine.from_pretrained(  # every variant passes its settings: no profile here
+            args.model, attention="proxy", device=device, dtype=dtype, profile=profiles.NONE
+        )
     if encode is None:
         tokenizer = engine.tokenizer
         encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
     info = engine.model_info
     try:
+        if profile is not None:
+            profile.check_model(info)
         base = parse_variant(f"base:{args.base}", info.num_kv_heads, ProxyAttnConfig()).config
-        variants = [parse_variant(spec, info.num_kv_heads, base) for spec in ["dense", *args.variants]]
+        variants = [
+            parse_variant(spec, info.num_kv_heads, base, profile) for spec in ["dense", *args.variants]
+        ]
+    except profiles.ProfileError as error:
+        raise SystemExit(f"--profile: {error}") from None
     except ValueError as error:
         raise SystemExit(f"--variants/--base: {error}") from None
 
@@ -371,6 +554,7 @@ def main(argv=None, engine=None, encode=None) -> dict:
         "settings": {
             "command": "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "lengths": args.lengths,
+            "timing_repeats": args.timing_repeats,
             "samples_per_length": args.samples,
             "chunk_size": args.chunk_size,
             "base_config": base.to_dict(),
@@ -380,6 +564,7 @@ def main(argv=None, engine=None, encode=None) -> dict:
             "workload_seconds": time.perf_counter() - started,
         },
         "sources": {"nll_texts": sources},
+        "profile": None if profile is None else describe_profile(profile, args.profile),
         "variants": [],
         "complete": False,
     }
@@ -388,7 +573,9 @@ def main(argv=None, engine=None, encode=None) -> dict:
     )
     dense = None
     for variant in variants:
-        result = run_variant(engine, variant, needles, nll_items, args.chunk_size, args.recall_samples)
+        result = run_variant(
+            engine, variant, needles, nll_items, args.chunk_size, args.recall_samples, args.timing_repeats
+        )
         dense = dense or result
         result["against_dense"] = compare_with_dense(result, dense)
         report["variants"].append(result)
@@ -396,7 +583,7 @@ def main(argv=None, engine=None, encode=None) -> dict:
         print(f"{variant.name:>16}: {json.dumps(_brief(result))}", flush=True)
     report["complete"] = True
     accuracy.write_json(args.out, report)
-    print(table(report))
+    print_tables(report)
     return report
 
 

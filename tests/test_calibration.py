@@ -11,7 +11,7 @@ import torch
 from _support import save_tiny_llama
 
 from proxyprefill.kernels import ProxyAttnConfig
-from proxyprefill.workers import calibration, profiles
+from proxyprefill.workers import calibration, corpus, profiles
 from proxyprefill.workers.engine import PrefillEngine, PrefillError
 from proxyprefill.workers.profiles import (
     CalibrationParameters,
@@ -136,6 +136,22 @@ def test_per_layer_gammas_take_the_smallest_gamma_reaching_the_recall_floor():
     assignments = calibration.per_layer_gammas(sweep, best)
     assert assignments[0] == (0.8, 0.9, 0.8)  # floor 0.90: layer 1 needs 0.9, the others go lower
     assert assignments[1] == (0.8, 0.99, 0.9)  # floor = mean recall
+
+
+def test_calibration_texts_reach_past_gpl3_which_stays_their_start():
+    gpl3 = corpus.license_text(corpus.NLL_LICENSE)
+    if gpl3 is None:
+        pytest.skip("no licence directory here")
+    start = tuple(_bytes(gpl3.text))
+    tokens = len(start) + 1000  # more than GPL-3 has: refused while the texts were GPL-3 alone
+    texts = calibration.calibration_texts(_bytes, tokens)
+    assert [len(t.ids) for t in texts] == [tokens, tokens]
+    assert [t.source.tokens for t in texts] == [tokens, tokens]
+    assert texts[0].ids[: len(start)] == start and texts[0].source.name.startswith("licenses:GPL-3+")
+    shorter = calibration.calibration_texts(_bytes, 256)  # within GPL-3: the same tokens as before
+    assert shorter[0].ids == start[:256]
+    with pytest.raises(ValueError, match="lower tokens"):
+        calibration.calibration_texts(_bytes, 10**7)
 
 
 def test_calibration_parameters_are_checked_before_any_work():

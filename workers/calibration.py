@@ -3,9 +3,10 @@
     profile = calibrate(engine, calibration_texts(encode, 2048), CalibrationParameters())
     profile.save(default_profile_path(engine.model_info))     # the engine's default from now on
 
-On texts the package reaches offline (workers/corpus.py: a licence text and standard-library
-docstrings), every candidate prefills each text with sparse attention forced on
-(`dense_below_tokens=0`) and is measured against dense attention on the same tokens: NLL per
+On texts the package reaches offline (workers/corpus.py `long_nll_texts`: licence prose, GPL-3
+followed by other licences, ~22k tokens, and standard-library docstrings, ~40k), every
+candidate prefills each text with sparse attention forced on (`dense_below_tokens=0`) and is
+measured against dense attention on the same tokens: NLL per
 token on each text (the target must hold on every text), attention-mass recall per layer, and
 causal sparsity. The search, in a fixed order so a model and seed always give the same choice:
 
@@ -57,9 +58,12 @@ class CalibrationText:
 
 
 def calibration_texts(encode: Callable[[str], list[int]], tokens: int) -> list[CalibrationText]:
-    """The first `tokens` tokens of each corpus NLL text; ValueError naming a text that is shorter."""
+    """The first `tokens` tokens of each long corpus NLL text; ValueError naming a text that is
+    shorter. The licence prose is GPL-3 extended by other licences, so a calibration can measure
+    contexts past GPL-3's ~7k tokens, where serving runs sparse (dense_below_tokens is 8,192 by
+    default); calibrations of fewer tokens see GPL-3 alone, as before."""
     texts = []
-    for text in corpus.nll_texts():
+    for text in corpus.long_nll_texts():
         ids = tuple(encode(text.text)[:tokens])
         if len(ids) < tokens:
             raise ValueError(f"calibration text {text.name!r} has only {len(ids)} tokens; lower tokens")

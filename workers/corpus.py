@@ -11,7 +11,8 @@ Two sources, each recorded with its origin and licence so results can name what 
   Python Software Foundation License). They vary slightly with the Python version, which is
   recorded.
 
-`nll_texts()` gives the texts whose perplexity the harness measures; `haystack_paragraphs()`
+`nll_texts()` gives the texts whose perplexity the harness measures, `long_nll_texts()` the same
+prose extended to long contexts (the calibration and the GPU quality bench); `haystack_paragraphs()`
 gives filler paragraphs for the retrieval tasks (bench/ruler.py), drawn from *other* licence
 texts so a retrieval prompt never repeats an NLL text. It lives in the package because
 `proxyprefill calibrate` measures on the same texts (bench/ is not installed).
@@ -136,6 +137,13 @@ def long_license_text() -> Text | None:
 def nll_texts() -> list[Text]:
     """The texts for the perplexity comparison: the GPL-3 text (where shipped) and docstrings."""
     texts = [license_text(NLL_LICENSE), stdlib_docstrings()]
+    return [t for t in texts if t is not None]
+
+
+def long_nll_texts() -> list[Text]:
+    """The NLL texts long enough for long contexts: the licence prose extended past GPL-3 (GPL-3
+    stays its first ~7k tokens) and the docstrings (~40k tokens)."""
+    texts = [long_license_text(), stdlib_docstrings()]
     return [t for t in texts if t is not None]
 
 
