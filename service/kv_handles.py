@@ -16,7 +16,8 @@ import grpc
 from proxyprefill.protos import prefill_pb2 as pb
 from proxyprefill.workers.kv_push import KVPushError, PushTarget
 from proxyprefill.workers.kv_share import KVShareError, share_to_message, transport_name
-from proxyprefill.workers.kv_wire import encode_chunk, header_message, piece_bytes
+from proxyprefill.workers.kv_wire import encode_chunk, header_message
+from proxyprefill.workers.protocol import KVMissing, KVUnavailable
 
 from . import audit
 from .errors import ServiceError, WorkerGone, worker_error
@@ -43,12 +44,12 @@ class KVHandleRPCs:
         try:
             async for ref in stream:
                 item = await ref
-                if item["kind"] == "missing":
+                if isinstance(item, KVMissing):
                     raise WorkerGone()
-                if item["kind"] == "unavailable":  # a pipeline stage died mid-stream; the KV is gone
+                if isinstance(item, KVUnavailable):  # a pipeline stage died mid-stream; the KV is gone
                     self.leases.lose(handle)
                     self._update_gauges()
-                    raise RequestError(grpc.StatusCode.UNAVAILABLE, item["message"])
+                    raise RequestError(grpc.StatusCode.UNAVAILABLE, item.message)
                 yield item
             finished = True
         except WorkerGone:
@@ -100,7 +101,7 @@ class KVHandleRPCs:
                 async for item in pieces:
                     yield encode_chunk(item, header)
                     header = None
-                    self.metrics.kv_bytes_sent.inc(piece_bytes(item))
+                    self.metrics.kv_bytes_sent.inc(item.nbytes)
         except ServiceError as error:
             await self._abort(context, "FetchKV", error.code, error.message)
             return

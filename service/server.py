@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import time
@@ -42,17 +41,22 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from proxyprefill import __version__
 from proxyprefill.protos import prefill_pb2 as pb
 from proxyprefill.protos import prefill_pb2_grpc as pb_grpc
-from proxyprefill.workers.kv_wire import encode_event, header_message, pass_through, piece_bytes
+from proxyprefill.workers.kv_wire import encode_event, header_message, pass_through
 from proxyprefill.workers.prompts import PromptEncoder
+from proxyprefill.workers.protocol import (
+    PrefillDone,
+    PrefillFailed,
+    PrefillOptions,
+    PrefillOutcome,
+    Progress,
+)
 
-from . import audit, tracing, wire
+from . import audit, replies, tracing, wire
 from .admission import Admission, AdmissionError
 from .auth import Authenticator, AuthError, Principal
 from .config import ServerConfig
@@ -61,20 +65,19 @@ from .kv_handles import KVHandleRPCs
 from .leases import LeaseTable, new_handle
 from .metrics import ServiceMetrics
 from .metrics_http import MetricsEndpoint
+from .upkeep import Upkeep
 from .validation import Limits, PrefillPlan, RequestError, validate_prefill
 
 log = logging.getLogger("proxyprefill.service")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PrefillService"].full_name
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-_SWEEP_SECONDS = 1.0
-_WATCH_SECONDS = 1.0  # how often every worker is pinged
 # how a streaming call ends under its handler: cancelled while it waits on work (CancelledError),
 # or closed by the handler while one of its events was being sent (GeneratorExit, see wire.py)
 _CALL_ENDED = (asyncio.CancelledError, GeneratorExit)
 _CLEANUP_SECONDS = 60.0  # how long a stop waits for cancelled prefills to free their work and KV
 
-# a worker's {"kind": "error", "error": ...} item -> status (anything else: INTERNAL)
+# a worker's PrefillFailed.error -> status (anything else: INTERNAL)
 _WORKER_ERROR_CODES = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
@@ -82,7 +85,18 @@ _WORKER_ERROR_CODES = {
 }
 
 
-class PrefillServer(KVHandleRPCs, pb_grpc.PrefillServiceServicer):
+def _finished(outcome: PrefillOutcome | None) -> PrefillDone:
+    """The worker's final message when the prefill finished; else the status it ended with."""
+    if isinstance(outcome, PrefillFailed):
+        raise RequestError(_WORKER_ERROR_CODES.get(outcome.error, grpc.StatusCode.INTERNAL), outcome.message)
+    if not isinstance(outcome, PrefillDone):  # stopped on the worker, or the stream ended without one
+        raise RequestError(grpc.StatusCode.CANCELLED, "prefill was cancelled on its worker")
+    return outcome
+
+
+class PrefillServer(KVHandleRPCs, Upkeep, pb_grpc.PrefillServiceServicer):
+    service_name = SERVICE_NAME
+
     def __init__(
         self,
         config: ServerConfig,
@@ -235,77 +249,6 @@ class PrefillServer(KVHandleRPCs, pb_grpc.PrefillServiceServicer):
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, lambda: asyncio.ensure_future(self.drain()))
 
-    async def _sweep_expired(self) -> None:
-        while True:
-            await asyncio.sleep(_SWEEP_SECONDS)
-            for lease in self.leases.pop_expired():
-                self.metrics.leases_expired.inc()
-                log.info("lease expired handle=%s... bytes=%d", lease.handle[:8], lease.kv_bytes)
-                audit.handle_event(lease.handle, "expired", lease.owner, kv_bytes=lease.kv_bytes)
-                with contextlib.suppress(Exception):
-                    await self.pool.release(self._worker_index(lease.worker), lease.handle)
-            self._update_gauges()
-
-    async def _probe_workers(self) -> bool:
-        """One probe of every worker; True when a routable worker is available."""
-        workers = range(len(self.pool.names))
-        states = await asyncio.gather(*(self.pool.probe(worker) for worker in workers))
-        for worker, state in zip(workers, states, strict=True):
-            self._note_worker_state(worker, state)
-        return any(self.admission.available(w) for w in workers if w != self.pipeline_index)
-
-    async def _watch_workers(self) -> None:
-        while True:
-            try:
-                await self._set_serving(await self._probe_workers())
-            except Exception:  # the watch must outlive any one bad round
-                log.exception("watching the workers")
-            await asyncio.sleep(_WATCH_SECONDS)
-
-    def _note_worker_state(self, worker: int, state) -> None:
-        """Routing, leases and replacement after one probe of `worker` (a WorkerState)."""
-        name = self.pool.names[worker]
-        known = self._incarnations.get(worker)
-        restarted = state.alive and known is not None and state.incarnation != known
-        if state.gone or restarted:
-            lost = self.leases.lose_worker(name)
-            if lost:
-                log.warning(
-                    "%s lost its KV (%s): %d leases dropped, %d bytes",
-                    name,
-                    "gone" if state.gone else "restarted",
-                    len(lost),
-                    sum(lease.kv_bytes for lease in lost),
-                )
-                self._update_gauges()
-        if state.alive:
-            self._incarnations[worker] = state.incarnation
-        usable = state.alive and state.ready
-        if self.admission.available(worker) != usable:
-            status = "warming up" if state.alive and not state.ready else "up" if usable else "down"
-            log.warning("%s is %s", name, status)
-            self.admission.set_available(worker, usable)
-        if state.gone and worker not in self._replacing and worker != self.pipeline_index:
-            self._replacing[worker] = asyncio.create_task(self._replace_worker(worker))
-
-    async def _replace_worker(self, worker: int) -> None:
-        try:
-            await asyncio.to_thread(self.pool.replace, worker)
-        except Exception:
-            log.exception("replacing %s failed; the next probe tries again", self.pool.names[worker])
-        finally:
-            self._replacing.pop(worker, None)
-
-    async def _set_serving(self, serving: bool) -> None:
-        if serving == self._serving or self._draining:
-            return
-        self._serving = serving
-        statuses = health_pb2.HealthCheckResponse
-        status = statuses.SERVING if serving else statuses.NOT_SERVING
-        await self.health.set("", status)
-        await self.health.set(SERVICE_NAME, status)
-        log.warning("health: %s", "SERVING" if serving else "NOT_SERVING (no worker is up and warmed up)")
-
     # helpers ---------------------------------------------------------------------------------
     def _identify(self, context) -> Principal:
         return self.auth.identify(context.invocation_metadata(), context.peer())
@@ -444,14 +387,14 @@ class PrefillServer(KVHandleRPCs, pb_grpc.PrefillServiceServicer):
         # a request that chose no attention settings runs the worker's defaults: its calibrated
         # profile when it has one (sharded stages have none, so they always get the settings)
         worker_defaults = not plan.attention_chosen and stages == 1
-        options = {
-            "chunk_size": plan.chunk_size,
-            "logits": plan.logits,
-            "attention": None if worker_defaults else plan.attention,
-            "config": None if worker_defaults else plan.proxy_config.to_dict(),
-            "keep_handle": keep_handle,
-            "stages": stages,  # read by the sharded route only
-        }
+        options = PrefillOptions(
+            chunk_size=plan.chunk_size,
+            logits=plan.logits,
+            attention=None if worker_defaults else plan.attention,
+            config=None if worker_defaults else plan.proxy_config,
+            keep_handle=keep_handle,
+            stages=stages,
+        )
         worker = ticket.worker
         handler = asyncio.current_task()
         self._prefills.add(handler)
@@ -464,19 +407,19 @@ class PrefillServer(KVHandleRPCs, pb_grpc.PrefillServiceServicer):
                 queue_seconds = time.perf_counter() - accepted_at
                 self.metrics.queue_latency.observe(queue_seconds)
                 self._update_gauges()
-                result = None
+                outcome = None
                 try:
                     async for ref in self.pool.prefill(worker, key, plan.token_ids, options):
-                        item = await ref
-                        if item["kind"] == "progress":
+                        message = await ref
+                        if isinstance(message, Progress):
                             yield pb.PrefillEvent(
-                                progress=pb.Progress(tokens_done=item["done"], total_tokens=item["total"])
+                                progress=pb.Progress(tokens_done=message.done, total_tokens=message.total)
                             )
                         else:
-                            result = item
+                            outcome = message
                             # from here the worker holds the KV: a cancellation anywhere before
                             # the lease owns it (the admission turn's exit included) must free it
-                            kept = keep_handle is not None and item["kind"] == "result"
+                            kept = keep_handle is not None and isinstance(message, PrefillDone)
                 except _CALL_ENDED:
                     self.metrics.cancelled.inc()
                     log.info("prefill cancelled request_id=%s", plan.request_id)
@@ -488,56 +431,29 @@ class PrefillServer(KVHandleRPCs, pb_grpc.PrefillServiceServicer):
                         self.admission.set_available(worker, False)  # the watch hears from it again
                     raise failure from None
                 running.end()
-            if result is None or result["kind"] == "cancelled":
-                raise RequestError(grpc.StatusCode.CANCELLED, "prefill was cancelled on its worker")
-            if result["kind"] == "error":
-                code = _WORKER_ERROR_CODES.get(result["error"], grpc.StatusCode.INTERNAL)
-                raise RequestError(code, result["message"])
+            result = _finished(outcome)
             self.metrics.time_to_first_token.observe(time.perf_counter() - accepted_at)
             returning = rpc.child("kv_return")
-
-            for piece in self._logit_pieces(result):
+            for piece in replies.logit_pieces(result, self.config.max_kv_chunk_bytes):
                 yield pb.PrefillEvent(logits=piece)
-            header = header_message(result["header"], int(plan.token_ids[-1]))
+            header = header_message(result.header, int(plan.token_ids[-1]))
             if plan.kv_return == "inline":
-                first_header = header
-                async with contextlib.aclosing(
-                    self._worker_kv(worker, keep_handle, self.config.default_kv_chunk_bytes, plan)
-                ) as pieces:
-                    async for item in pieces:
-                        yield encode_event(item, first_header)
-                        first_header = None
-                        self.metrics.kv_bytes_sent.inc(piece_bytes(item))
+                async for event in self._inline_kv(worker, keep_handle, plan, header):
+                    yield event
             elif plan.kv_return == "handle":
                 lease = self.leases.commit(
                     reservation,
                     keep_handle,
                     owner=principal.name,
                     worker=worker_name,
-                    kv_bytes=result["kv_bytes"],
-                    num_tokens=result["num_tokens"],
+                    kv_bytes=result.kv_bytes,
+                    num_tokens=result.num_tokens,
                     seconds=plan.lease_seconds,
-                    header=result["header"],
+                    header=result.header,
                     last_token_id=int(plan.token_ids[-1]),
                 )
                 kept = False
-                audit.handle_event(
-                    lease.handle,
-                    "created",
-                    principal.name,
-                    request_id=plan.request_id,
-                    kv_bytes=lease.kv_bytes,
-                )
-                self._update_gauges()
-                yield pb.PrefillEvent(
-                    kv_handle=pb.KVHandle(
-                        handle=lease.handle,
-                        expires_at_unix_ms=lease.expires_at_unix_ms,
-                        kv_bytes=lease.kv_bytes,
-                        header=header,
-                        worker=worker_name,
-                    )
-                )
+                yield self._handle_event(lease, plan, principal, header, worker_name)
             returning.end()
             summary = self._summary(plan, result, queue_seconds, accepted_at)
             rpc.set(sparsity=summary.sparsity)
@@ -548,6 +464,32 @@ class PrefillServer(KVHandleRPCs, pb_grpc.PrefillServiceServicer):
                     await wire.finish_despite_cancellation(self.pool.release(worker, keep_handle))
             self._prefills.discard(handler)
 
+    async def _inline_kv(self, worker: int, handle: str, plan: PrefillPlan, header: pb.KVHeader):
+        """The kept KV as kv_chunk events, pre-serialised; the header rides on the first."""
+        first_header = header
+        async with contextlib.aclosing(
+            self._worker_kv(worker, handle, self.config.default_kv_chunk_bytes, plan)
+        ) as pieces:
+            async for piece in pieces:
+                yield encode_event(piece, first_header)
+                first_header = None
+                self.metrics.kv_bytes_sent.inc(piece.nbytes)
+
+    def _handle_event(self, lease, plan: PrefillPlan, principal, header: pb.KVHeader, worker_name: str):
+        audit.handle_event(
+            lease.handle, "created", principal.name, request_id=plan.request_id, kv_bytes=lease.kv_bytes
+        )
+        self._update_gauges()
+        return pb.PrefillEvent(
+            kv_handle=pb.KVHandle(
+                handle=lease.handle,
+                expires_at_unix_ms=lease.expires_at_unix_ms,
+                kv_bytes=lease.kv_bytes,
+                header=header,
+                worker=worker_name,
+            )
+        )
+
     async def _abandon(self, worker: int, key: str, keep_handle: str | None) -> None:
         """Stops prefill `key` on its worker and waits until it has ended (the caller still holds
         its slot and tokens), freeing any KV it kept; a lost worker has nothing left to stop."""
@@ -556,65 +498,27 @@ class PrefillServer(KVHandleRPCs, pb_grpc.PrefillServiceServicer):
         except Exception as error:
             log.warning("abandoning prefill %s on %s: %s", key, self.pool.names[worker], error)
 
-    def _logit_pieces(self, result: dict):
-        logits = result["logits"]
-        if logits is None or logits.shape[0] == 0:
-            return
-        logits = np.ascontiguousarray(logits, dtype="<f4")
-        positions = result["logit_positions"]
-        row_bytes = logits.shape[1] * 4
-        rows = max(1, self.config.max_kv_chunk_bytes // row_bytes)
-        for start in range(0, logits.shape[0], rows):
-            part = logits[start : start + rows]
-            yield pb.Logits(
-                positions=positions[start : start + rows],
-                dtype="float32",
-                shape=list(part.shape),
-                data=part.tobytes(),
-            )
-
     def _summary(
-        self, plan: PrefillPlan, result: dict, queue_seconds: float, accepted_at: float
+        self, plan: PrefillPlan, result: PrefillDone, queue_seconds: float, accepted_at: float
     ) -> pb.Summary:
-        sparsity = np.asarray(result["sparsity"], dtype=np.float64)
-        layer_sparsity = sparsity.mean(axis=1) if sparsity.ndim == 2 and sparsity.size else np.zeros(0)
-        mean_sparsity = float(sparsity.mean()) if sparsity.size else 0.0
-        prefill_seconds = result["total_seconds"]
-        rate = result["num_tokens"] / prefill_seconds if prefill_seconds > 0 else 0.0
-        total = time.perf_counter() - accepted_at
+        """The request's Summary; its figures also go to the metrics and the log."""
+        summary = replies.summary_message(plan, result, queue_seconds, time.perf_counter() - accepted_at)
         m = self.metrics
-        m.prefill_latency.observe(total)
-        m.estimate_seconds.observe(result["estimate_seconds"])
-        m.tokens_per_second.observe(rate)
-        m.prompt_tokens.inc(result["num_tokens"])
-        m.prompt_length.observe(result["num_tokens"])
-        m.sparsity.observe(mean_sparsity)
+        m.prefill_latency.observe(summary.timings.total_seconds)
+        m.estimate_seconds.observe(result.estimate_seconds)
+        m.tokens_per_second.observe(summary.tokens_per_second)
+        m.prompt_tokens.inc(result.num_tokens)
+        m.prompt_length.observe(result.num_tokens)
+        m.sparsity.observe(summary.sparsity)
         log.info(
             "prefill done request_id=%s tokens=%d sparsity=%.3f prefill_s=%.3f total_s=%.3f",
             plan.request_id,
-            result["num_tokens"],
-            mean_sparsity,
-            prefill_seconds,
-            total,
+            result.num_tokens,
+            summary.sparsity,
+            result.total_seconds,
+            summary.timings.total_seconds,
         )
-        return pb.Summary(
-            request_id=plan.request_id,
-            num_tokens=result["num_tokens"],
-            sparsity=mean_sparsity,
-            layer_sparsity=layer_sparsity.tolist(),
-            timings=pb.Timings(
-                queue_seconds=queue_seconds,
-                prefill_seconds=prefill_seconds,
-                estimate_seconds=result["estimate_seconds"],
-                attention_seconds=result["attention_seconds"],
-                total_seconds=total,
-            ),
-            kv_bytes=result["kv_bytes"] if plan.kv_return != "none" else 0,
-            peak_memory_bytes=result["peak_memory_bytes"],
-            tokens_per_second=rate,
-            attention_mode=result["attention"],
-            profile=result.get("profile", ""),  # the sharded route reports none
-        )
+        return summary
 
     async def GetModelInfo(self, request, context):
         try:
@@ -622,45 +526,13 @@ class PrefillServer(KVHandleRPCs, pb_grpc.PrefillServiceServicer):
         except AuthError as error:
             await self._abort(context, "GetModelInfo", error.code, error.message)
             return None
-        info, limits, config = self.model_info, self.limits, self.config
-        eos = info.get("eos_token_id")
-        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self.metrics.requests.labels("GetModelInfo", "OK").inc()
-        return pb.ModelInfo(
-            model_id=info["model_id"],
-            architecture=info["architecture"],
-            num_layers=info["num_layers"],
-            num_heads=info["num_heads"],
-            num_kv_heads=info["num_kv_heads"],
-            head_dim=info["head_dim"],
-            vocab_size=info["vocab_size"],
-            max_position_embeddings=info["max_position_embeddings"],
-            dtype=info["dtype"],
-            rope_theta=float(info["rope_theta"]),
-            rope_scaling_json=json.dumps(info.get("rope_scaling")),
-            eos_token_ids=eos_ids,
+        return replies.model_info_message(
+            self.model_info,
+            self.limits,
+            self.config,
             num_workers=len(self.pool.actors),
-            server_version=__version__,
-            profile=info.get("profile", ""),
             has_chat_template=self._prompts is not None and self._prompts.has_chat_template,
-            limits=pb.ServerLimits(
-                max_prompt_tokens=limits.max_prompt_tokens,
-                max_pending_tokens=config.max_pending_tokens,
-                default_chunk_size=limits.default_chunk_size,
-                min_chunk_size=limits.min_chunk_size,
-                max_chunk_size=limits.max_chunk_size,
-                default_lease_seconds=limits.default_lease_seconds,
-                max_lease_seconds=limits.max_lease_seconds,
-                kv_memory_cap_bytes=config.kv_memory_cap_bytes,
-                max_kv_chunk_bytes=config.max_kv_chunk_bytes,
-                max_logit_positions=limits.max_logit_positions,
-                min_gamma=limits.min_gamma,
-                min_budget_tokens_floor=limits.min_budget_tokens_floor,
-                allowed_strides=limits.allowed_strides,
-                default_attention_mode=limits.default_attention,
-                max_pipeline_stages=limits.max_pipeline_stages,
-                shard_above_tokens=config.shard_above_tokens,
-            ),
         )
 
 

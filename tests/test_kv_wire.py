@@ -22,7 +22,6 @@ from proxyprefill.workers.kv_wire import (
     header_from_message,
     header_message,
     layer_pieces,
-    piece_bytes,
     read_chunk,
     token_pieces,
     token_sha256,
@@ -93,10 +92,10 @@ def test_inline_events_carry_the_same_chunks():
     )
     sink = TensorSink()
     deliver(chunk_from_message(event.kv_chunk), sink)
-    rows = piece["end"] - piece["start"]
+    rows = piece.end - piece.start
     assert torch.equal(sink.keys[1][:, :rows], keys[1][:, :rows]) and sink.keys[0] is None
-    assert piece_bytes(piece) == 2 * HEADS * rows * DIM * 4
-    assert piece_bytes(next(token_pieces(np.arange(4), 64))) == 0
+    assert piece.nbytes == 2 * HEADS * rows * DIM * 4
+    assert next(token_pieces(np.arange(4), 64)).nbytes == 0
 
 
 def test_header_round_trips_through_the_proto():

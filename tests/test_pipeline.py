@@ -12,6 +12,7 @@ from _support import save_tiny_llama  # noqa: E402
 
 from proxyprefill.kernels.config import ProxyAttnConfig  # noqa: E402
 from proxyprefill.workers.engine import PrefillEngine, PrefillError  # noqa: E402
+from proxyprefill.workers.kv_wire import LayerPiece, TokenPiece  # noqa: E402
 from proxyprefill.workers.pipeline import ShardedPrefill  # noqa: E402
 from proxyprefill.workers.pipeline_stage import PipelineStage  # noqa: E402
 from proxyprefill.workers.pipeline_timeline import ChunkRecord, PipelineTimeline  # noqa: E402
@@ -22,6 +23,7 @@ from proxyprefill.workers.planner import (  # noqa: E402
     balanced_layer_ranges,
     plan_prefill,
 )
+from proxyprefill.workers.protocol import KVMissing  # noqa: E402
 from proxyprefill.workers.stage_model import StageSpec  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -223,25 +225,29 @@ def test_fetch_streams_the_kv_in_layer_order_like_a_pool_worker(sparse_pipeline,
     result = sparse_pipeline.prefill(tokens, CHUNK, logits="none", gather=False)
     rid = result.extra["request_id"]
     pieces = list(sparse_pipeline.fetch(rid, max_chunk_bytes=4096, include_token_ids=True))
-    ids = b"".join(p["data"] for p in pieces if p["kind"] == "tokens")
+    ids = b"".join(p.data for p in pieces if isinstance(p, TokenPiece))
     assert torch.equal(torch.frombuffer(bytearray(ids), dtype=torch.int64), tokens)
-    kv = [p for p in pieces if p["kind"] == "kv"]
-    assert [p["layer"] for p in kv] == sorted(p["layer"] for p in kv)  # layer order across stages
-    assert all(p["keys"].nbytes + p["values"].nbytes <= 4096 for p in kv)
+    kv = [p for p in pieces if isinstance(p, LayerPiece)]
+    assert [p.layer for p in kv] == sorted(p.layer for p in kv)  # layer order across stages
+    assert all(p.keys.nbytes + p.values.nbytes <= 4096 for p in kv)
     expected = engine.prefill(tokens, CHUNK, logits="none")
     for layer in range(NUM_LAYERS):
-        parts = [p for p in kv if p["layer"] == layer]
-        assert [(p["start"], p["end"]) for p in parts][0][0] == 0 and parts[-1]["end"] == PROMPT
-        keys = torch.cat([torch.from_numpy(p["keys"].copy()) for p in parts], dim=1)
-        values = torch.cat([torch.from_numpy(p["values"].copy()) for p in parts], dim=1)
-        assert keys.shape == (2, PROMPT, 16) and parts[0]["dtype"] == "float32"
+        parts = [p for p in kv if p.layer == layer]
+        assert [(p.start, p.end) for p in parts][0][0] == 0 and parts[-1].end == PROMPT
+        keys = torch.cat([torch.from_numpy(p.keys.copy()) for p in parts], dim=1)
+        values = torch.cat([torch.from_numpy(p.values.copy()) for p in parts], dim=1)
+        assert keys.shape == (2, PROMPT, 16) and parts[0].dtype == "float32"
         assert relative_error(keys, expected.keys[layer]) <= 1e-5
         assert relative_error(values, expected.values[layer]) <= 1e-5
     # a layer range spanning two stages
-    middle = [p for p in sparse_pipeline.fetch(rid, 1 << 20, layer_start=1, layer_end=3) if p["kind"] == "kv"]
-    assert sorted({p["layer"] for p in middle}) == [1, 2]
+    middle = [
+        p
+        for p in sparse_pipeline.fetch(rid, 1 << 20, layer_start=1, layer_end=3)
+        if isinstance(p, LayerPiece)
+    ]
+    assert sorted({p.layer for p in middle}) == [1, 2]
     sparse_pipeline.release(rid)
-    assert list(sparse_pipeline.fetch(rid)) == [{"kind": "missing"}]
+    assert list(sparse_pipeline.fetch(rid)) == [KVMissing()]
     assert sparse_pipeline.held_bytes() == [0, 0, 0]
 
 

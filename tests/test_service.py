@@ -85,7 +85,8 @@ def decoder():
 
 def worker_stats(pool):
     stats = ray.get([pool.stats(i) for i in range(len(pool.actors))])
-    return {key: sum(s[key] for s in stats) for key in stats[0] if key != "worker"}
+    counters = [key for key, value in stats[0].items() if type(value) is int]  # not flags or timings
+    return {key: sum(s[key] for s in stats) for key in counters}
 
 
 def assert_healthy_and_clean(service, client, pool, kv_bytes=0):

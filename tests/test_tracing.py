@@ -29,6 +29,7 @@ from proxyprefill.service import tracing  # noqa: E402
 from proxyprefill.service.client import PrefillClient  # noqa: E402
 from proxyprefill.service.local import LocalService  # noqa: E402
 from proxyprefill.service.server import PrefillServer  # noqa: E402
+from proxyprefill.workers.protocol import PrefillDone, Progress  # noqa: E402
 
 NUM_LAYERS, NUM_HEADS = 2, 4
 SPARSITY = np.array([[0.25, 0.5, 0.5, 0.75], [0.0, 0.25, 0.25, 0.5]])
@@ -49,8 +50,8 @@ class QuickPool(NullPool):
         if self.hang:
             return _progress_then_wait(n)
         kv_bytes = 2 * NUM_LAYERS * 2 * 16 * 4 * n
-        if options["keep_handle"] is not None:
-            self.kept[options["keep_handle"]] = kv_bytes
+        if options.keep_handle is not None:
+            self.kept[options.keep_handle] = kv_bytes
         header = dict(
             model_id="null",
             num_layers=NUM_LAYERS,
@@ -58,11 +59,11 @@ class QuickPool(NullPool):
             head_dim=16,
             dtype="float32",
             rope_theta=10000.0,
+            rope_scaling=None,
             num_tokens=n,
             token_sha256="0" * 64,
         )
-        result = dict(
-            kind="result",
+        result = PrefillDone(
             num_tokens=n,
             logits=None,
             logit_positions=[],
@@ -76,7 +77,7 @@ class QuickPool(NullPool):
             attention="proxy",
             profile="",
         )
-        return _items({"kind": "progress", "done": n, "total": n}, result)
+        return _items(Progress(n, n), result)
 
     async def release(self, worker, handle):
         self.calls.append("release")
@@ -91,7 +92,7 @@ async def _items(*items):
 
 
 async def _progress_then_wait(n):
-    async for item in _items({"kind": "progress", "done": 1, "total": n}):
+    async for item in _items(Progress(1, n)):
         yield item
     await asyncio.get_running_loop().create_future()  # never done: the worker is still busy
 

@@ -5,10 +5,8 @@
   identity is `token_sha256` of its ids.
 - **Pieces**: `layer_pieces` cuts one layer's `[Hkv, N, d]` keys and values into token ranges of
   at most `max_chunk_bytes`, `token_pieces` the prompt's ids; each piece is an item of a worker's
-  fetch stream (a dict, because Ray and the pipeline stages pass it on unchanged):
-  `{"kind": "kv", "layer", "start", "end", "dtype", "shape", "keys", "values"}` with little-endian
-  numpy arrays (Ray moves them out of band, the server reads them in place), or
-  `{"kind": "tokens", "start", "end", "data"}` with int64 little-endian bytes.
+  fetch stream: a `LayerPiece` with little-endian numpy arrays (Ray moves them out of band, the
+  server reads them in place) or a `TokenPiece` with int64 little-endian bytes.
 - **Encoding** (server): `encode_chunk` serialises a piece as a `KVChunk` with one copy of its
   data, `encode_event` wraps such a chunk as a `PrefillEvent` (inline KV); the handlers' response
   serializer (`pass_through`) sends those bytes as they are.
@@ -105,7 +103,36 @@ def tensor_array(tensor) -> tuple[str, np.ndarray]:
     return name, array
 
 
-def layer_pieces(layer: int, keys, values, max_chunk_bytes: int) -> Iterator[dict]:
+@dataclass(frozen=True)
+class LayerPiece:
+    """Keys and values of one layer for tokens [start, end): arrays of `shape` [Hkv, n, d] in
+    the wire `dtype` (bfloat16 travels as int16 bits)."""
+
+    layer: int
+    start: int
+    end: int
+    dtype: str
+    shape: list[int]
+    keys: np.ndarray
+    values: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+@dataclass(frozen=True)
+class TokenPiece:
+    """The prompt's token ids [start, end) as int64 little-endian bytes."""
+
+    start: int
+    end: int
+    data: bytes
+
+    nbytes = 0  # carries no KV
+
+
+def layer_pieces(layer: int, keys, values, max_chunk_bytes: int) -> Iterator[LayerPiece]:
     """The pieces of one layer's KV ([Hkv, N, d] each): token ranges whose keys plus values take at
     most `max_chunk_bytes` (at least one token)."""
     heads, num_tokens, head_dim = keys.shape
@@ -114,30 +141,19 @@ def layer_pieces(layer: int, keys, values, max_chunk_bytes: int) -> Iterator[dic
         end = min(num_tokens, start + step)
         dtype, key_array = tensor_array(keys[:, start:end])
         _, value_array = tensor_array(values[:, start:end])
-        yield {
-            "kind": "kv",
-            "layer": layer,
-            "start": start,
-            "end": end,
-            "dtype": dtype,
-            "shape": [heads, end - start, head_dim],
-            "keys": key_array,
-            "values": value_array,
-        }
+        yield LayerPiece(layer, start, end, dtype, [heads, end - start, head_dim], key_array, value_array)
 
 
-def token_pieces(token_ids: np.ndarray, max_chunk_bytes: int) -> Iterator[dict]:
+def token_pieces(token_ids: np.ndarray, max_chunk_bytes: int) -> Iterator[TokenPiece]:
     """The prompt's ids as pieces of at most `max_chunk_bytes` (int64 little-endian)."""
     ids = np.asarray(token_ids).astype("<i8", copy=False)
     per_piece = max(1, max_chunk_bytes // 8)
     for start in range(0, ids.shape[0], per_piece):
         end = min(ids.shape[0], start + per_piece)
-        yield {"kind": "tokens", "start": start, "end": end, "data": ids[start:end].tobytes()}
+        yield TokenPiece(start, end, ids[start:end].tobytes())
 
 
-def piece_bytes(piece: dict) -> int:
-    """The KV bytes a piece carries (0 for token ids)."""
-    return piece["keys"].nbytes + piece["values"].nbytes if piece["kind"] == "kv" else 0
+Piece = LayerPiece | TokenPiece
 
 
 # encoding ----------------------------------------------------------------------------------------
@@ -158,25 +174,25 @@ def _field_prefix(number: int, length: int) -> bytes:
     return _varint(number << 3 | _LENGTH_DELIMITED) + _varint(length)
 
 
-def encode_chunk(piece: dict, header: pb.KVHeader | None = None) -> bytes:
+def encode_chunk(piece: Piece, header: pb.KVHeader | None = None) -> bytes:
     """A serialised KVChunk of `piece` (with `header` on a transfer's first chunk), built with one
     copy of the data: the small fields are serialised by protobuf and the bulk fields appended in
     wire format (a message is the concatenation of its fields, in any order) straight from the
     arrays Ray handed over, where building a KVChunk and serialising it would copy twice more."""
-    if piece["kind"] == "tokens":
-        meta = pb.KVChunk(token_start=piece["start"], token_end=piece["end"], dtype="int64")
-        bulk = [(_TOKEN_IDS, memoryview(piece["data"]))]
+    if isinstance(piece, TokenPiece):
+        meta = pb.KVChunk(token_start=piece.start, token_end=piece.end, dtype="int64")
+        bulk = [(_TOKEN_IDS, memoryview(piece.data))]
     else:
         meta = pb.KVChunk(
-            layer=piece["layer"],
-            token_start=piece["start"],
-            token_end=piece["end"],
-            dtype=piece["dtype"],
-            shape=piece["shape"],
+            layer=piece.layer,
+            token_start=piece.start,
+            token_end=piece.end,
+            dtype=piece.dtype,
+            shape=piece.shape,
         )
         bulk = [
-            (_KEYS, memoryview(piece["keys"]).cast("B")),
-            (_VALUES, memoryview(piece["values"]).cast("B")),
+            (_KEYS, memoryview(piece.keys).cast("B")),
+            (_VALUES, memoryview(piece.values).cast("B")),
         ]
     if header is not None:
         meta.header.CopyFrom(header)
@@ -186,7 +202,7 @@ def encode_chunk(piece: dict, header: pb.KVHeader | None = None) -> bytes:
     return b"".join(parts)
 
 
-def encode_event(piece: dict, header: pb.KVHeader | None = None) -> bytes:
+def encode_event(piece: Piece, header: pb.KVHeader | None = None) -> bytes:
     """A serialised PrefillEvent carrying `piece` as its kv_chunk (inline KV)."""
     chunk = encode_chunk(piece, header)
     return _field_prefix(_EVENT_KV_CHUNK, len(chunk)) + chunk

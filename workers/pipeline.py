@@ -45,11 +45,12 @@ from ..kernels.config import ProxyAttnConfig
 from . import attention as attention_mod
 from .engine import PrefillResult
 from .kv_files import KVHeader
-from .kv_wire import token_sha256
+from .kv_wire import Piece, token_pieces, token_sha256
 from .model import ModelInfo
 from .pipeline_stage import PipelineStage
 from .pipeline_timeline import PipelineTimeline
 from .planner import InsufficientResources, balanced_layer_ranges, stage_bytes
+from .protocol import KVMissing
 from .request import PrefillError, PrefillRequest, build_request
 from .stage_model import StageSpec
 
@@ -423,22 +424,18 @@ class ShardedPrefill:
         layer_end: int | None = None,
         include_token_ids: bool = False,
         timeout_s: float = 600.0,
-    ) -> Iterator[dict]:
+    ) -> Iterator[Piece | KVMissing]:
         """FetchKV for a request left on the stages (gather=False): the same items as a pool
-        worker's `fetch` (token-id pieces first when asked, then "kv" pieces), gathered from the
-        stages in layer order. {"kind": "missing"} when the request is unknown or a stage lost it
-        (a restart); a stage dying mid-stream raises StageUnavailableError."""
+        worker's `fetch` (TokenPieces first when asked, then LayerPieces), gathered from the
+        stages in layer order. KVMissing when the request is unknown or a stage lost it (a
+        restart); a stage dying mid-stream raises StageUnavailableError."""
         tokens = self._kept.get(request_id)
         if tokens is None:
-            yield {"kind": "missing"}
+            yield KVMissing()
             return
         deadline = time.monotonic() + timeout_s
         if include_token_ids:
-            ids = tokens.numpy().astype("<i8", copy=False)
-            per_piece = max(1, max_chunk_bytes // 8)
-            for start in range(0, ids.shape[0], per_piece):
-                end = min(ids.shape[0], start + per_piece)
-                yield {"kind": "tokens", "start": start, "end": end, "data": ids[start:end].tobytes()}
+            yield from token_pieces(tokens.numpy(), max_chunk_bytes)
         layer_end = self.layer_ranges[-1][1] if layer_end is None else layer_end
         for stage, (start, stop) in zip(self.stages, self.layer_ranges):
             if stop <= layer_start or start >= layer_end:
@@ -455,7 +452,7 @@ class ShardedPrefill:
                     raise StageUnavailableError(f"pipeline stage died while streaming KV: {exc}") from exc
                 item = self._get(ref, deadline)
                 yield item
-                if item["kind"] == "missing":
+                if isinstance(item, KVMissing):
                     return
 
     def release(self, request_id: str, timeout_s: float = 30.0) -> int:

@@ -291,12 +291,13 @@ class PipelineStage:
         """The FetchKV pieces of this stage's layers within [layer_start, layer_end), in the pool
         workers' format (workers/kv_wire.py: little-endian numpy arrays of the keys and
         values of one layer and one token range, at most `max_chunk_bytes`, global layer numbers); a
-        Ray streaming generator. First item {"kind": "missing"} when the request's KV is not here."""
+        Ray streaming generator. First item protocol.KVMissing when the request's KV is not here."""
         from .kv_wire import layer_pieces
+        from .protocol import KVMissing
 
         cache = self.caches.get(request_id)
         if cache is None:
-            yield {"kind": "missing"}
+            yield KVMissing()
             return
         layer_end = self.spec.layer_stop if layer_end is None else layer_end
         for layer in range(max(layer_start, self.spec.layer_start), min(layer_end, self.spec.layer_stop)):

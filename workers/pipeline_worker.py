@@ -1,9 +1,10 @@
 """The service's sharded route: a Ray actor that runs requests on pipeline stages and answers the
 server with the same calls, items and handles as a pool worker (workers/ray_pool.PrefillWorker).
 
-The server treats it as one more worker (named "pipeline"): `prefill` streams progress items and
-one final item, `fetch` streams a kept request's KV pieces, `release` frees them, `cancel` stops a
-prefill, `stats` counts what it holds. Behind those calls a `ShardedPrefill` (workers/pipeline.py)
+The server treats it as one more worker (named "pipeline"): `prefill` streams Progress messages
+and one final message (workers/protocol.py), `fetch` streams a kept request's KV pieces,
+`release` frees them, `cancel` stops a prefill, `stats` counts what it holds. Behind those calls
+a `ShardedPrefill` (workers/pipeline.py)
 per stage count holds the stage actors; the one with `max_stages` stages is started with this
 actor, others on first use. A request's KV stays on its stages (gather=False) under the server's
 handle until `release`; FetchKV gathers it from the stages in layer order.
@@ -12,20 +13,20 @@ handle until `release`; FetchKV gathers it from the stages in layer order.
 length, the model shape, the memory each stage reports free and the pipeline's pending tokens.
 Every stage already holds its weights, so only KV and activations count against free memory.
 
-Faults: a stage that dies mid-request makes the request end with {"kind": "error", "error":
-"unavailable"} (the server answers UNAVAILABLE) after its KV was released on every surviving stage;
-Ray restarts the stage (`max_restarts`), and the next request's calls wait for it. A kept request
-whose stage restarted answers "missing" and its remaining shares are freed at once.
+Faults: a stage that dies mid-request makes the request end with PrefillFailed("unavailable")
+(the server answers UNAVAILABLE) after its KV was released on every surviving stage; Ray
+restarts the stage (`max_restarts`), and the next request's calls wait for it. A kept request
+whose stage restarted answers KVMissing and its remaining shares are freed at once.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 
 import numpy as np
 
-from .ray_pool import StreamingPrefills, final_item
+from .protocol import KVMissing, KVUnavailable, PrefillDone, PrefillFailed, PrefillOptions, PrefillStopped
+from .streaming import StreamingPrefills
 
 log = logging.getLogger("proxyprefill.workers")
 
@@ -162,20 +163,18 @@ class PipelineWorker(StreamingPrefills):
         return {"stages": plan.num_stages, "reason": plan.reason}
 
     # prefill ---------------------------------------------------------------------------------
-    def prefill(self, key: str, token_ids: np.ndarray, options: dict):
-        """Streaming generator with PrefillWorker.prefill's items; options as there, plus "stages"
-        (the pipeline's stage count)."""
+    def prefill(self, key: str, token_ids: np.ndarray, options: PrefillOptions):
+        """Streaming generator of PrefillWorker.prefill's messages, over `options.stages` stages."""
         import torch
 
-        from proxyprefill.kernels.config import ProxyAttnConfig
         from proxyprefill.workers.engine import PrefillCancelled
         from proxyprefill.workers.pipeline import StageUnavailableError
         from proxyprefill.workers.planner import InsufficientResources
 
         request = self._begin_request(key)
         stop = request.stop
-        num_tokens, chunk_size = len(token_ids), options["chunk_size"]
-        keep_handle = options.get("keep_handle")
+        num_tokens, chunk_size = len(token_ids), options.chunk_size
+        keep_handle = options.keep_handle
         request_id = keep_handle or key
         pipe = None
 
@@ -187,46 +186,52 @@ class PipelineWorker(StreamingPrefills):
                     raise PrefillCancelled(f"prefill {key} cancelled")
                 progress(min(num_tokens, (chunk + 1) * chunk_size), num_tokens)
 
-            pipe = self._pipeline(int(options["stages"]))
+            pipe = self._pipeline(int(options.stages))
             return pipe.prefill(
                 torch.from_numpy(np.array(token_ids, dtype=np.int64)),  # a writable copy
                 chunk_size=chunk_size,
-                logits=options["logits"],
+                logits=options.logits,
                 gather=False,
                 request_id=request_id,
                 on_chunk_done=chunk_done,
-                attention=options["attention"],
-                config=ProxyAttnConfig.from_dict(options["config"]),
+                attention=options.attention,
+                config=options.config,
                 timeout_s=self.request_timeout_s,
             )
 
-        def classify_error(error):
+        def classify_error(error) -> PrefillFailed | None:
             if isinstance(error, InsufficientResources):
-                return ("resource_exhausted", str(error))
+                return PrefillFailed("resource_exhausted", str(error))
             if isinstance(error, StageUnavailableError):
                 log.warning("sharded prefill %s lost a stage: %s", key, error)
-                return ("unavailable", f"a pipeline stage was lost; retry the request ({error})")
+                return PrefillFailed("unavailable", f"a pipeline stage was lost; retry the request ({error})")
             return None
 
         try:
-            kind, value = yield from self._stream_prefill(key, stop, work, classify_error)
-            if kind != "error" and value is not None and (kind == "cancelled" or not keep_handle):
+            ended, result = yield from self._stream_prefill(key, stop, work, classify_error)
+            if result is not None and (ended is not None or not keep_handle):
                 pipe.release(request_id)  # nobody will fetch it
-            if kind != "result":
-                yield final_item(kind, value)
+            if ended is not None:
+                yield ended
                 return
-            if keep_handle:
-                with self._lock:
-                    abandoned = stop.is_set()  # then keeping the KV would leak it
-                    if not abandoned:
-                        self._handles[keep_handle] = pipe.num_stages
-                if abandoned:
-                    pipe.release(request_id)
-                    yield final_item("cancelled", None)
-                    return
-            yield _result_item(value, pipe.num_stages)
+            yield self._keep(result, keep_handle, pipe, stop)
         finally:
             self._end_request(key, request)
+
+    def _keep(self, result, keep_handle: str | None, pipe, stop) -> PrefillDone | PrefillStopped:
+        """Records where the stages keep the KV of `keep_handle` (unless the prefill was abandoned
+        meanwhile, when keeping it would leak it); the final message."""
+        if keep_handle:
+            with self._lock:
+                abandoned = stop.is_set()
+                if abandoned:
+                    stopped = self._stop_after_finishing()
+                else:
+                    self._handles[keep_handle] = pipe.num_stages
+            if abandoned:
+                pipe.release(keep_handle)
+                return stopped
+        return PrefillDone.from_result(result, kv_bytes=result.extra["kv_bytes"])
 
     # KV --------------------------------------------------------------------------------------
     def fetch(
@@ -238,24 +243,24 @@ class PipelineWorker(StreamingPrefills):
         include_token_ids: bool = False,
     ):
         """Streaming generator with PrefillWorker.fetch's items, gathered from the stages in layer
-        order; {"kind": "unavailable"} when a stage dies mid-stream."""
+        order; KVUnavailable when a stage dies mid-stream."""
         from proxyprefill.workers.pipeline import StageUnavailableError
 
         with self._lock:
             stages = self._handles.get(handle)
         if stages is None:
-            yield {"kind": "missing"}
+            yield KVMissing()
             return
         pipe = self._pipelines[stages]
         try:
             for item in pipe.fetch(
                 handle, max_chunk_bytes, layer_start, layer_end, include_token_ids, self.request_timeout_s
             ):
-                if item["kind"] == "missing":  # a stage restarted: the shares left elsewhere are useless
+                if isinstance(item, KVMissing):  # a stage restarted: the shares left elsewhere are useless
                     self.release(handle)
                 yield item
         except StageUnavailableError as error:
-            yield {"kind": "unavailable", "message": f"a pipeline stage was lost: {error}"}
+            yield KVUnavailable(f"a pipeline stage was lost: {error}")
 
     def release(self, handle: str) -> int:
         """Frees the KV of `handle` on every stage; returns its bytes (0 when it was not here)."""
@@ -282,24 +287,3 @@ class PipelineWorker(StreamingPrefills):
             pipes, self._pipelines = list(self._pipelines.values()), {}
         for pipe in pipes:
             pipe.shutdown()
-
-
-def _result_item(result, num_stages: int) -> dict:
-    """A pipeline PrefillResult as PrefillWorker's final item."""
-    logits = None if result.logits is None else result.logits.detach().float().numpy()
-    return {
-        "kind": "result",
-        "num_tokens": int(result.token_ids.numel()),
-        "logits": logits,
-        "logit_positions": list(result.logit_positions),
-        "sparsity": result.sparsity.detach().float().numpy(),
-        "estimate_seconds": float(result.estimate_seconds),
-        "attention_seconds": float(result.attention_seconds),
-        "total_seconds": float(result.total_seconds),
-        "peak_memory_bytes": 0,
-        "kv_bytes": int(result.extra["kv_bytes"]),
-        "header": asdict(result.header),
-        "attention": result.attention,
-        "pipeline_stages": num_stages,
-        "layer_ranges": list(result.extra["layer_ranges"]),
-    }

@@ -5,11 +5,11 @@ The actor is *threaded* (`max_concurrency`): a prefill runs in one thread while 
 `cancel`, `fetch` and `release`. Two methods are Ray streaming generators
 (`num_returns="streaming"`):
 
-- `prefill(key, token_ids, options)` yields `{"kind": "progress", ...}` after every chunk, then
-  one final item, `{"kind": "result" | "cancelled" | "error", ...}`. The engine runs on one of
-  a few reused helper threads (a new thread per prefill would leave a glibc malloc arena behind
-  each time) and reports progress through a queue, because its progress callback cannot yield.
-  `cancel(key)` sets the request's stop flag, which the engine checks between layers; the
+- `prefill(key, token_ids, options)` takes a `protocol.PrefillOptions` and yields a
+  `protocol.Progress` after every chunk, then one final message (`PrefillDone`,
+  `PrefillStopped` or `PrefillFailed`; workers/protocol.py). The engine runs on one of a few
+  reused helper threads (workers/streaming.py). `cancel(key)` sets the request's stop flag,
+  which the engine checks between layers; the
   partial KV is dropped with the engine's locals, so memory is freed when the prefill stops.
   `abandon(key, handle)` is what the server calls when the client went away: it stops the
   prefill, *waits until it has really ended*, and frees whatever KV it kept, so that the
@@ -31,21 +31,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import threading
-import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .kv_wire import layer_pieces, token_pieces
+from .protocol import KVMissing, PrefillDone, PrefillOptions
+from .streaming import StreamingPrefills
 
 log = logging.getLogger("proxyprefill.workers")
 
-_STALE_CANCEL_SECONDS = 600.0
-PREFILL_THREADS = 4  # helper threads a worker runs prefills on (the server admits fewer at once)
 RELEASE_WAIT_SECONDS = 30.0  # how long release waits for the fetches of its handle in flight
 # glibc gives every thread that allocates its own malloc arena; a few arenas are enough for a
 # worker and keep freed KV from staying mapped in dozens of them
@@ -61,17 +57,6 @@ class StoredKV:
     nbytes: int
     shares: dict = field(default_factory=dict)  # transport -> SharedKV (workers/kv_share.py)
     readers: int = 0  # fetches in flight
-
-
-@dataclass
-class PrefillRequest:
-    """A worker's record of one prefill key: created by whichever of prefill / cancel / abandon
-    comes first."""
-
-    stop: threading.Event
-    done: threading.Event  # set when the prefill has ended (its work stopped, its KV kept or not)
-    created: float
-    started: bool = False
 
 
 def resident_bytes() -> int:
@@ -94,125 +79,6 @@ def task_cancelled() -> bool:
         return ray.is_initialized() and ray.get_runtime_context().is_canceled()
     except Exception:  # not inside a Ray task
         return False
-
-
-class StreamingPrefills:
-    """What every worker actor shares: per-request stop flags, outcome counters, and running one
-    prefill in a thread while its progress streams out of a Ray streaming generator.
-
-    `_stream_prefill` yields progress items and returns (kind, value): ("result", result),
-    ("cancelled", result or None) or ("error", (error kind, message)); the caller turns that into
-    its final item. Call `_init_requests()` in `__init__`.
-    """
-
-    def _init_requests(self) -> None:
-        self._lock = threading.Lock()
-        self._requests: dict[str, PrefillRequest] = {}
-        self._outcomes = {"result": 0, "cancelled": 0, "error": 0}
-        self._threads = ThreadPoolExecutor(PREFILL_THREADS, thread_name_prefix="prefill")
-        self.incarnation = uuid.uuid4().hex
-        self.warmed_up = threading.Event()  # set once the actor runs requests at full speed
-        self.warmed_up.set()
-
-    def ping(self) -> str:
-        """This actor's incarnation (a restarted actor answers a new one)."""
-        return self.incarnation
-
-    def probe_state(self) -> tuple[str, bool]:
-        """(incarnation, whether its start-up warm-up is over): what the server's watch reads."""
-        return self.incarnation, self.warmed_up.is_set()
-
-    def _request(self, key: str) -> PrefillRequest:
-        with self._lock:
-            now = time.monotonic()
-            for stale in [k for k, r in self._requests.items() if now - r.created > _STALE_CANCEL_SECONDS]:
-                self._requests.pop(stale)
-            if key not in self._requests:
-                self._requests[key] = PrefillRequest(threading.Event(), threading.Event(), now)
-            return self._requests[key]
-
-    def _begin_request(self, key: str) -> PrefillRequest:
-        request = self._request(key)
-        with self._lock:
-            request.started = True
-        return request
-
-    def cancel(self, key: str) -> None:
-        """Stops the prefill `key` at its next layer (or before it starts, if it has not yet)."""
-        self._request(key).stop.set()
-
-    def abandon(self, key: str, keep_handle: str | None, wait_seconds: float = 600.0) -> int:
-        """Stops the prefill `key`, waits (up to `wait_seconds`) until it has ended, then frees the
-        KV it kept under `keep_handle`, if any; returns the bytes freed. A prefill that has not
-        started yet will stop before its first layer and keep nothing."""
-        request = self._request(key)
-        request.stop.set()
-        with self._lock:
-            started = request.started
-        if started and not request.done.wait(wait_seconds):
-            log.warning("prefill %s still running %.0f s after it was abandoned", key, wait_seconds)
-        return self.release(keep_handle) if keep_handle else 0
-
-    def _running(self) -> int:
-        """Prefills under way (call with the lock held)."""
-        return sum(1 for r in self._requests.values() if r.started and not r.done.is_set())
-
-    def _count(self, kind: str) -> None:
-        with self._lock:
-            self._outcomes[kind] += 1
-
-    def _stream_prefill(self, key: str, stop: threading.Event, work, classify_error=None):
-        """Runs `work(progress)` on a helper thread (`progress(done, total)` streams a progress
-        item) and returns its outcome once it ends; `classify_error(error)` may name the (kind,
-        message) of worker-specific exceptions. The outcome is counted."""
-        from proxyprefill.workers.engine import PrefillCancelled, PrefillError
-
-        events: queue.Queue = queue.Queue()
-        outcome: dict = {}
-
-        def run() -> None:
-            try:
-                outcome["result"] = work(lambda done, total: events.put((done, total)))
-            except PrefillCancelled:
-                outcome["cancelled"] = True
-            except PrefillError as error:
-                outcome["error"] = ("invalid", str(error))
-            except Exception as error:
-                named = classify_error(error) if classify_error else None
-                if named is None:  # reported to the server, which answers INTERNAL
-                    log.exception("prefill %s failed", key)
-                    named = ("internal", f"{type(error).__name__}: {error}")
-                outcome["error"] = named
-            finally:
-                events.put(None)
-
-        finished = self._threads.submit(run)
-        while (item := events.get()) is not None:
-            yield {"kind": "progress", "done": item[0], "total": item[1]}
-        finished.result()
-        result = outcome.get("result")
-        if "cancelled" in outcome or (stop.is_set() and result is not None):
-            kind, value = "cancelled", result
-        elif "error" in outcome:
-            kind, value = "error", outcome["error"]
-        else:
-            kind, value = "result", result
-        self._count(kind)
-        return kind, value
-
-    def _end_request(self, key: str, request: PrefillRequest) -> None:
-        request.stop.set()  # a consumer that went away also stops the work
-        with self._lock:
-            self._requests.pop(key, None)
-        request.done.set()
-
-
-def final_item(kind: str, value) -> dict:
-    """The final stream item of a prefill that ended "cancelled" or with an "error"."""
-    if kind == "cancelled":
-        return {"kind": "cancelled"}
-    error, message = value
-    return {"kind": "error", "error": error, "message": message}
 
 
 @dataclass(frozen=True)
@@ -313,13 +179,9 @@ class PrefillWorker(StreamingPrefills):
             }
 
     # prefill ---------------------------------------------------------------------------------
-    def prefill(self, key: str, token_ids: np.ndarray, options: dict):
-        """Streaming generator; see the module docstring. options: chunk_size, logits, attention,
-        config (ProxyAttnConfig dict), keep_handle (str or None: where to keep the KV). attention
-        and config None: the engine's defaults, i.e. its calibrated profile when it has one."""
+    def prefill(self, key: str, token_ids: np.ndarray, options: PrefillOptions):
+        """Streaming generator of protocol messages; see the module docstring."""
         import torch
-
-        from proxyprefill.kernels.config import ProxyAttnConfig
 
         request = self._begin_request(key)
         stop = request.stop
@@ -327,54 +189,37 @@ class PrefillWorker(StreamingPrefills):
         def work(progress):
             return self.engine.prefill(
                 torch.from_numpy(np.array(token_ids, dtype=np.int64)),  # a writable copy
-                chunk_size=options["chunk_size"],
-                logits=options["logits"],
-                config=None if options["config"] is None else ProxyAttnConfig.from_dict(options["config"]),
-                attention=options["attention"],
+                chunk_size=options.chunk_size,
+                logits=options.logits,
+                config=options.config,
+                attention=options.attention,
                 progress=progress,
                 should_stop=stop.is_set,
             )
 
         try:
-            kind, value = yield from self._stream_prefill(key, stop, work)
-            if kind == "result":
-                yield self._finish(value, token_ids, options.get("keep_handle"), stop)
-            else:  # a cancelled prefill's KV is dropped with the result
-                yield final_item(kind, value)
+            ended, result = yield from self._stream_prefill(key, stop, work)
+            # a cancelled prefill's KV is dropped with the result
+            yield ended if ended is not None else self._finish(result, token_ids, options.keep_handle, stop)
         finally:
             self._end_request(key, request)
 
-    def _finish(self, result, token_ids: np.ndarray, keep_handle: str | None, stop: threading.Event) -> dict:
-        header = asdict(result.header)
+    def _finish(self, result, token_ids: np.ndarray, keep_handle: str | None, stop: threading.Event):
+        """Keeps the KV under `keep_handle` (unless the prefill was abandoned meanwhile, when
+        keeping it would leak it); the final message."""
+        done = PrefillDone.from_result(result)
         if keep_handle:
             with self._lock:
-                if stop.is_set():  # abandoned meanwhile: keeping the KV would leak it
-                    self._outcomes["result"] -= 1  # counted by _stream_prefill just before
-                    self._outcomes["cancelled"] += 1
-                    return final_item("cancelled", None)
+                if stop.is_set():
+                    return self._stop_after_finishing()
                 self._kv[keep_handle] = StoredKV(
                     keys=result.keys,
                     values=result.values,
                     token_ids=np.asarray(token_ids, dtype=np.int64),
-                    header=header,
+                    header=done.header,
                     nbytes=result.kv_bytes,
                 )
-        logits = None if result.logits is None else result.logits.detach().to("cpu").numpy()
-        return {
-            "kind": "result",
-            "num_tokens": result.num_tokens,
-            "logits": logits,
-            "logit_positions": list(result.logit_positions),
-            "sparsity": result.sparsity.detach().to("cpu").float().numpy(),
-            "estimate_seconds": float(result.estimate_seconds),
-            "attention_seconds": float(result.attention_seconds),
-            "total_seconds": float(result.total_seconds),
-            "peak_memory_bytes": int(result.peak_memory_bytes or 0),
-            "kv_bytes": int(result.kv_bytes),
-            "header": header,
-            "attention": result.attention,
-            "profile": result.profile,
-        }
+        return done
 
     # KV --------------------------------------------------------------------------------------
     def fetch(
@@ -386,7 +231,7 @@ class PrefillWorker(StreamingPrefills):
         include_token_ids: bool = False,
     ):
         """Streaming generator of KV pieces (keys/values as numpy arrays, token ids as bytes); the
-        first item is {"kind": "missing"} when the handle is not here (released, or the worker
+        first item is protocol.KVMissing when the handle is not here (released, or the worker
         restarted)."""
         with self._lock:
             stored = self._kv.get(handle)
@@ -394,7 +239,7 @@ class PrefillWorker(StreamingPrefills):
                 stored.readers += 1
                 self._fetching += 1
         if stored is None:
-            yield {"kind": "missing"}
+            yield KVMissing()
             return
         try:
             yield from self._kv_pieces(stored, max_chunk_bytes, layer_start, layer_end, include_token_ids)
@@ -622,7 +467,7 @@ class WorkerPool:
 
         return ray.get(self.actors[0].tokenizer.remote())
 
-    def prefill(self, worker: int, key: str, token_ids: np.ndarray, options: dict):
+    def prefill(self, worker: int, key: str, token_ids: np.ndarray, options: PrefillOptions):
         return self._actor(worker).prefill.options(num_returns="streaming").remote(key, token_ids, options)
 
     def cancel(self, worker: int, key: str):

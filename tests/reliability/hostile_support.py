@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 
 from proxyprefill.service.server import SERVICE_NAME
+from proxyprefill.workers.protocol import KVMissing, PrefillFailed
 
 # a bad request is answered with one of these (never UNKNOWN, INTERNAL, UNAVAILABLE or a timeout)
 REFUSALS = frozenset(
@@ -56,11 +57,11 @@ class NullPool:
 
     def prefill(self, worker, key, token_ids, options):
         self.calls.append("prefill")
-        return _items({"kind": "error", "error": "invalid", "message": NULL_POOL_MESSAGE})
+        return _items(PrefillFailed("invalid", NULL_POOL_MESSAGE))
 
     def fetch(self, worker, handle, *args):
         self.calls.append("fetch")
-        return _items({"kind": "missing"})
+        return _items(KVMissing())
 
     def cancel(self, worker, key):
         self.calls.append("cancel")

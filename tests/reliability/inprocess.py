@@ -104,7 +104,7 @@ class InProcessPool:
         return self.workers[0].tokenizer()
 
     # what the server calls ----------------------------------------------------------------------
-    def prefill(self, worker: int, key: str, token_ids, options: dict) -> Stream:
+    def prefill(self, worker: int, key: str, token_ids, options) -> Stream:
         return Stream(self._call(worker, "prefill", key, token_ids, options))
 
     def cancel(self, worker: int, key: str) -> None:

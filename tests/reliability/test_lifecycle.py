@@ -20,7 +20,8 @@ from proxyprefill.service.leases import LeaseTable  # noqa: E402
 from proxyprefill.service.local import LocalService  # noqa: E402
 from proxyprefill.service.server import engine_kwargs  # noqa: E402
 from proxyprefill.workers.engine import PrefillCancelled, PrefillEngine  # noqa: E402
-from proxyprefill.workers.ray_pool import PREFILL_THREADS  # noqa: E402
+from proxyprefill.workers.protocol import PrefillDone, PrefillOptions  # noqa: E402
+from proxyprefill.workers.streaming import PREFILL_THREADS  # noqa: E402
 
 from .inprocess import InProcessPool  # noqa: E402
 
@@ -215,15 +216,10 @@ def test_prefills_reuse_a_few_threads(model_dir):
     worker.engine.runner.layers[0].register_forward_pre_hook(
         lambda module, args: threads.append(threading.current_thread())
     )
-    options = {
-        "chunk_size": 8192,
-        "logits": "last",
-        "attention": "dense",
-        "config": config.proxy_config().to_dict(),
-    }
+    options = PrefillOptions(chunk_size=8192, logits="last", attention="dense", config=config.proxy_config())
     for round_ in range(2 * PREFILL_THREADS + 1):
         items = list(worker.prefill(f"key-{round_}", prompt(40), options))
-        assert items[-1]["kind"] == "result"
+        assert isinstance(items[-1], PrefillDone)
     assert len(threads) == 2 * PREFILL_THREADS + 1
     assert len(set(threads)) <= PREFILL_THREADS
 
