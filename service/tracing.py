@@ -209,45 +209,40 @@ class RequestTracer:
         if streams_responses:
 
             async def stream(request, context):
-                rpc = self.rpc(method, service)
-                token = _current.set(rpc)
-                status = "OK"
-                try:
+                with self._span(method, service, context):
                     async with contextlib.aclosing(behaviour(request, context)) as responses:
                         async for response in responses:
                             yield response
-                    status = _status_name(context, "OK")
-                except (asyncio.CancelledError, GeneratorExit):
-                    status = "CANCELLED"
-                    raise
-                except BaseException:
-                    status = _status_name(context, "UNKNOWN")
-                    raise
-                finally:
-                    rpc.end(status)
-                    _current.reset(token)
 
             return stream
 
         async def unary(request, context):
-            rpc = self.rpc(method, service)
-            token = _current.set(rpc)
-            status = "OK"
-            try:
-                response = await behaviour(request, context)
-                status = _status_name(context, "OK")
-                return response
-            except asyncio.CancelledError:
-                status = "CANCELLED"
-                raise
-            except BaseException:
-                status = _status_name(context, "UNKNOWN")
-                raise
-            finally:
-                rpc.end(status)
-                _current.reset(token)
+            with self._span(method, service, context):
+                return await behaviour(request, context)
 
         return unary
+
+    @contextlib.contextmanager
+    def _span(self, method: str, service: str, context):
+        """The call's span, current inside the block and ended with the call's status."""
+        rpc = self.rpc(method, service)
+        token = _current.set(rpc)
+        status = "OK"
+        try:
+            yield rpc
+            status = _status_name(context, "OK")
+        except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: the stream was closed
+            status = "CANCELLED"
+            raise
+        except BaseException:
+            status = _status_name(context, "UNKNOWN")
+            raise
+        finally:
+            rpc.end(status)
+            # a stream closed after its call was cancelled ends in the task that closes it
+            # (wire.finish_despite_cancellation), whose context did not set the token
+            with contextlib.suppress(ValueError):
+                _current.reset(token)
 
 
 NO_TRACING = RequestTracer(None)
