@@ -469,7 +469,11 @@ def cmd_calibrate(args) -> int:
         )
         return 2
     encode = lambda text: engine.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-    texts = calibration.calibration_texts(encode, params.tokens)
+    try:
+        texts = calibration.calibration_texts(encode, params.tokens)
+    except ValueError as error:  # a text shorter than --tokens: say so and which, no traceback
+        print(f"calibrate: --tokens {params.tokens}: {error}", file=sys.stderr)
+        return 2
     info = engine.model_info
     print(
         f"calibrating {info.model_id} on {engine.device}: {len(texts)} texts of {params.tokens} tokens, "

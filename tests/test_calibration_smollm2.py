@@ -40,3 +40,12 @@ def test_calibrate_smollm2_writes_a_profile_the_engine_loads(tmp_path, capsys):
     assert engine.profile == profile
     result = engine.prefill(list(range(1, 300)), chunk_size=256)
     assert result.profile == profile.name
+
+
+def test_calibrate_refuses_more_tokens_than_its_texts_hold_without_a_traceback(tmp_path, capsys):
+    argv = ["calibrate", "--out", str(tmp_path / "p.json"), "--device", "cpu", "--tokens", "1048576"]
+    argv += ["--chunk-size", "1024", "--block-size", "64"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--tokens 1048576" in err and "lower tokens" in err and "Traceback" not in err
+    assert not (tmp_path / "p.json").exists()
