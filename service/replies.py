@@ -9,7 +9,7 @@ import numpy as np
 
 from proxyprefill import __version__
 from proxyprefill.protos import prefill_pb2 as pb
-from proxyprefill.workers.protocol import PrefillDone
+from proxyprefill.workers.protocol import PrefillDone, WorkerDescription
 
 from .config import ServerConfig
 from .validation import Limits, PrefillPlan
@@ -61,27 +61,28 @@ def summary_message(
 
 
 def model_info_message(
-    info: dict, limits: Limits, config: ServerConfig, num_workers: int, has_chat_template: bool
+    served: WorkerDescription, limits: Limits, config: ServerConfig, num_workers: int, has_chat_template: bool
 ) -> pb.ModelInfo:
     """The served model, the server's version and every limit a request is checked against."""
-    eos = info.get("eos_token_id")
+    info = served.model
+    eos = info.eos_token_id
     eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     return pb.ModelInfo(
-        model_id=info["model_id"],
-        architecture=info["architecture"],
-        num_layers=info["num_layers"],
-        num_heads=info["num_heads"],
-        num_kv_heads=info["num_kv_heads"],
-        head_dim=info["head_dim"],
-        vocab_size=info["vocab_size"],
-        max_position_embeddings=info["max_position_embeddings"],
-        dtype=info["dtype"],
-        rope_theta=float(info["rope_theta"]),
-        rope_scaling_json=json.dumps(info.get("rope_scaling")),
+        model_id=info.model_id,
+        architecture=info.architecture,
+        num_layers=info.num_layers,
+        num_heads=info.num_heads,
+        num_kv_heads=info.num_kv_heads,
+        head_dim=info.head_dim,
+        vocab_size=info.vocab_size,
+        max_position_embeddings=info.max_position_embeddings,
+        dtype=info.dtype,
+        rope_theta=float(info.rope_theta),
+        rope_scaling_json=json.dumps(info.rope_scaling),
         eos_token_ids=eos_ids,
         num_workers=num_workers,
         server_version=__version__,
-        profile=info.get("profile", ""),
+        profile=served.profile,
         has_chat_template=has_chat_template,
         limits=pb.ServerLimits(
             max_prompt_tokens=limits.max_prompt_tokens,

@@ -38,7 +38,6 @@ import signal
 import time
 import uuid
 from dataclasses import replace
-from types import SimpleNamespace
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -106,8 +105,9 @@ class PrefillServer(KVHandleRPCs, Upkeep, pb_grpc.PrefillServiceServicer):
     ):
         self.config = config
         self.pool = pool
-        self.model_info = dict(pool.model_info)
-        self.limits = Limits.from_config(config, SimpleNamespace(**self.model_info))
+        self.served = pool.description  # the model the workers serve, and how (a WorkerDescription)
+        self.model_info = self.served.model
+        self.limits = Limits.from_config(config, self.model_info)
         self.leases = LeaseTable(
             config.kv_memory_cap_bytes, config.default_lease_seconds, config.max_lease_seconds
         )
@@ -119,7 +119,7 @@ class PrefillServer(KVHandleRPCs, Upkeep, pb_grpc.PrefillServiceServicer):
             dedicated_workers=0 if self.pipeline_index is None else 1,
         )
         self.auth = Authenticator.from_config(config)
-        self.metrics = metrics or ServiceMetrics(self.model_info["model_id"])
+        self.metrics = metrics or ServiceMetrics(self.model_info.model_id)
         if tracer is None:
             tracer = tracing.RequestTracer.from_environment() if config.tracing else tracing.NO_TRACING
         self.tracer = tracer  # one span per RPC, when tracing is on (service/tracing.py)
@@ -140,7 +140,7 @@ class PrefillServer(KVHandleRPCs, Upkeep, pb_grpc.PrefillServiceServicer):
     # lifecycle -------------------------------------------------------------------------------
     async def start(self) -> int:
         """Binds, starts serving, and returns the port (useful with listen 'HOST:0')."""
-        if self.model_info.get("has_tokenizer"):
+        if self.served.has_tokenizer:
             self._prompts = PromptEncoder(await asyncio.to_thread(self.pool.tokenizer))
         limit = self.config.max_message_bytes
         server = grpc.aio.server(
@@ -183,7 +183,7 @@ class PrefillServer(KVHandleRPCs, Upkeep, pb_grpc.PrefillServiceServicer):
         self._watcher = asyncio.create_task(self._watch_workers())
         log.info(
             "serving %s on port %s (%d workers)",
-            self.model_info["model_id"],
+            self.model_info.model_id,
             self.port,
             len(self.pool.actors),
         )
@@ -266,8 +266,8 @@ class PrefillServer(KVHandleRPCs, Upkeep, pb_grpc.PrefillServiceServicer):
 
     def _kv_bytes_estimate(self, num_tokens: int) -> int:
         info = self.model_info
-        item = _DTYPE_BYTES.get(info["dtype"], 4)
-        return 2 * info["num_layers"] * info["num_kv_heads"] * info["head_dim"] * item * num_tokens
+        item = _DTYPE_BYTES.get(info.dtype, 4)
+        return 2 * info.num_layers * info.num_kv_heads * info.head_dim * item * num_tokens
 
     async def _abort(self, context, method: str, code: grpc.StatusCode, message: str):
         self.metrics.requests.labels(method, code.name).inc()
@@ -528,7 +528,7 @@ class PrefillServer(KVHandleRPCs, Upkeep, pb_grpc.PrefillServiceServicer):
             return None
         self.metrics.requests.labels("GetModelInfo", "OK").inc()
         return replies.model_info_message(
-            self.model_info,
+            self.served,
             self.limits,
             self.config,
             num_workers=len(self.pool.actors),

@@ -387,7 +387,7 @@ def test_metrics_exposition(service, client):
         "proxyprefill_request_prompt_tokens_bucket",
     ):
         assert name in text, name
-    model = service.server.model_info["model_id"]
+    model = service.server.model_info.model_id
     samples = [line for line in text.splitlines() if line.startswith("proxyprefill_")]
     assert samples and all(f'model_name="{model}"' in line for line in samples)
     prompt_tokens = [

@@ -21,8 +21,22 @@ import numpy as np
 
 from proxyprefill.kernels.config import ProxyAttnConfig
 
+from .model import ModelInfo
+
 # PrefillFailed.error: what went wrong, which the server maps to a status
 ERROR_KINDS = ("invalid", "unavailable", "resource_exhausted", "internal")
+
+
+@dataclass(frozen=True)
+class WorkerDescription:
+    """What a pool worker says about itself once it has loaded its model."""
+
+    model: ModelInfo
+    worker: str  # its name, e.g. "worker-0"
+    device: str  # where its engine runs, e.g. "cuda:0"
+    has_tokenizer: bool
+    torch_threads: int = 0
+    profile: str = ""  # the calibrated profile it serves by default, "" when none
 
 
 @dataclass(frozen=True)

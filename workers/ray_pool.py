@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .kv_wire import layer_pieces, token_pieces
-from .protocol import KVMissing, PrefillDone, PrefillOptions
+from .protocol import KVMissing, PrefillDone, PrefillOptions, WorkerDescription
 from .streaming import StreamingPrefills
 
 log = logging.getLogger("proxyprefill.workers")
@@ -146,18 +146,17 @@ class PrefillWorker(StreamingPrefills):
             self.warmed_up.set()
 
     # description -----------------------------------------------------------------------------
-    def describe(self) -> dict:
+    def describe(self) -> WorkerDescription:
         import torch
 
-        info = self.engine.model_info.to_dict()
-        info.update(
+        return WorkerDescription(
+            model=self.engine.model_info,
             worker=self.name,
             device=str(self.engine.device),
             has_tokenizer=self.engine.tokenizer is not None,
             torch_threads=torch.get_num_threads(),
             profile=self.engine.profile.name if self.engine.profile is not None else "",
         )
-        return info
 
     def tokenizer(self):
         return self.engine.tokenizer
@@ -354,11 +353,16 @@ class WorkerPool:
     ObjectRefGenerators, which the server awaits / iterates asynchronously."""
 
     def __init__(
-        self, actors: list, descriptions: list[dict], owns_ray: bool, pipeline=None, make_actor=None
+        self,
+        actors: list,
+        descriptions: list[WorkerDescription],
+        owns_ray: bool,
+        pipeline=None,
+        make_actor=None,
     ):
         self.actors = actors  # the replicas, each holding the whole model
         self.descriptions = descriptions
-        self.names = [d["worker"] for d in descriptions]
+        self.names = [d.worker for d in descriptions]
         self._owns_ray = owns_ray
         self._make_actor = make_actor  # name -> a new replica actor (replace())
         self._replace_lock = threading.Lock()
@@ -450,8 +454,8 @@ class WorkerPool:
                     stages,
                     stage_options,
                     device,
-                    first["dtype"],
-                    first["model_id"],
+                    first.model.dtype,
+                    first.model.model_id,
                     pipeline_stage_memory_bytes,
                 )
             )
@@ -459,7 +463,8 @@ class WorkerPool:
         return cls(actors, descriptions, owns_ray, pipeline, make_actor)
 
     @property
-    def model_info(self) -> dict:
+    def description(self) -> WorkerDescription:
+        """What the pool serves (every worker loads the same model)."""
         return self.descriptions[0]
 
     def tokenizer(self):

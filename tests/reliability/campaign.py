@@ -454,8 +454,7 @@ def run_campaign(config: CampaignConfig, warmup: int = 50) -> list[PhaseReport]:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     pool = WorkerPool.start(engine_kwargs(server_config), num_workers=config.workers)
     try:
-        info = pool.model_info
-        prompts = make_prompts(config, info["vocab_size"])
+        prompts = make_prompts(config, pool.description.model.vocab_size)
         references = dense_references(config.model, prompts)
         campaign = Campaign(config, LocalService(server_config, pool=pool).start(), pool, references)
         try:

@@ -329,11 +329,10 @@ def run_atheris(runs: int) -> Tally:
 
 
 def _null_limits() -> Limits:
-    from types import SimpleNamespace
 
     from proxyprefill.service import config as config_mod
 
-    return Limits.from_config(config_mod.load(environ={}), SimpleNamespace(**NullPool.model_info))
+    return Limits.from_config(config_mod.load(environ={}), NullPool.description.model)
 
 
 # a live server -------------------------------------------------------------------------------

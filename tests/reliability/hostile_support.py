@@ -13,7 +13,8 @@ from pathlib import Path
 import grpc
 
 from proxyprefill.service.server import SERVICE_NAME
-from proxyprefill.workers.protocol import KVMissing, PrefillFailed
+from proxyprefill.workers.model import ModelInfo
+from proxyprefill.workers.protocol import KVMissing, PrefillFailed, WorkerDescription
 
 # a bad request is answered with one of these (never UNKNOWN, INTERNAL, UNAVAILABLE or a timeout)
 REFUSALS = frozenset(
@@ -38,17 +39,23 @@ class NullPool:
 
     names = ["worker-0"]
     actors = [None]
-    model_info = dict(
-        model_id="null",
-        architecture="LlamaForCausalLM",
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        vocab_size=256,
-        max_position_embeddings=4096,
-        dtype="float32",
-        rope_theta=10000.0,
+    description = WorkerDescription(
+        model=ModelInfo(
+            model_id="null",
+            architecture="LlamaForCausalLM",
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            vocab_size=256,
+            max_position_embeddings=4096,
+            dtype="float32",
+            rope_theta=10000.0,
+            rope_scaling=None,
+            eos_token_id=None,
+        ),
+        worker="worker-0",
+        device="cpu",
         has_tokenizer=False,
     )
 

@@ -92,12 +92,12 @@ class InProcessPool:
         ]
         self.actors = self.workers
         self.descriptions = [worker.describe() for worker in self.workers]
-        self.names = [d["worker"] for d in self.descriptions]
+        self.names = [d.worker for d in self.descriptions]
         self.pipeline_index = None
         self.replaced = 0
 
     @property
-    def model_info(self) -> dict:
+    def description(self):
         return self.descriptions[0]
 
     def tokenizer(self):
