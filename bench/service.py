@@ -78,30 +78,61 @@ def git_commit() -> str:
     return provenance.git_commit() or "unknown"
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded SmolLM2)")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--attention", default="dense", choices=["dense", "proxy"])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
-    parser.add_argument("--chunk-size", type=int, default=2048)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--load-clients", type=int, default=16)
-    parser.add_argument("--load-requests", type=int, default=64)
-    parser.add_argument("--load-tokens", type=int, default=64)
-    parser.add_argument("--fetch-tokens", type=int, default=2048)
-    parser.add_argument("--fetch-chunk-bytes", type=int, default=4 * 1024 * 1024)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)"
+    )
+    parser.add_argument(
+        "--attention",
+        default="dense",
+        choices=["dense", "proxy"],
+        help="attention mode (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=[512, 2048],
+        help="overhead prompt lengths (default: %(default)s)",
+    )
+    parser.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk (default: %(default)s)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed repeats per point (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--load-clients", type=int, default=16, help="concurrent clients (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--load-requests", type=int, default=64, help="load requests in all (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--load-tokens", type=int, default=64, help="tokens per load request (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--fetch-tokens", type=int, default=2048, help="prompt whose KV is fetched (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--fetch-chunk-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="FetchKV piece size (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="result JSON (default: bench/results/service-<device>.json)"
+    )
+    return parser.parse_args(argv)
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     import grpc
     import ray
     import torch
 
     from proxyprefill.service import config as config_mod
-    from proxyprefill.service.client import PrefillClient
     from proxyprefill.service.local import LocalService
-    from proxyprefill.workers.engine import PrefillEngine
 
     config = config_mod.load(
         environ={},
@@ -128,150 +159,21 @@ def main(argv=None) -> int:
         "load_average_at_start": list(os.getloadavg()),
     }
     with LocalService(config) as service:
-        info = service.pool.model_info
-        results["model"] = info["model_id"]
-        results["device"] = info["device"]
-        if info["device"].startswith("cuda"):
+        served = service.pool.description
+        results["model"] = served.model.model_id
+        results["device"] = served.device
+        if served.device.startswith("cuda"):
             results["device_name"] = torch.cuda.get_device_name(0)
         else:
             results["device_name"] = platform.processor() or platform.machine()
-        vocab = info["vocab_size"]
         rng = np.random.default_rng(0)
 
         def prompt(n):
-            return rng.integers(100, vocab, size=n).tolist()
+            return rng.integers(100, served.model.vocab_size, size=n).tolist()
 
-        # overhead ---------------------------------------------------------------------------
-        worker_threads = ray.get(service.pool.actors[0].describe.remote()).get("torch_threads")
-        engine = PrefillEngine.from_pretrained(args.model, attention=args.attention, device=args.device)
-        if worker_threads:
-            torch.set_num_threads(worker_threads)
-        overhead = []
-        for n in args.lengths:
-            prompts = [prompt(n) for _ in range(args.repeats + 1)]
-            job = {
-                "kind": "prefill",
-                "prompts": prompts,
-                "chunk_size": args.chunk_size,
-                "attention": args.attention,
-            }
-            rows = run_client(service.target, job)[1:]  # the first request warms the worker up
-            client_s = [r[0] for r in rows]
-            worker_s = [r[1] for r in rows]
-            engine.prefill(prompts[0], chunk_size=args.chunk_size, logits="last")  # warm-up
-            bare = []
-            for ids in prompts[1:]:
-                started = time.perf_counter()
-                engine.prefill(ids, chunk_size=args.chunk_size, logits="last")
-                if engine.device.type == "cuda":
-                    torch.cuda.synchronize()
-                bare.append(time.perf_counter() - started)
-            row = {
-                "tokens": n,
-                "client_latency_s_median": statistics.median(client_s),
-                "worker_prefill_s_median": statistics.median(worker_s),
-                "bare_engine_s_median": statistics.median(bare),
-                "overhead_vs_worker_s_median": statistics.median(c - w for c, w in zip(client_s, worker_s)),
-            }
-            row["overhead_vs_worker_fraction"] = (
-                row["overhead_vs_worker_s_median"] / row["worker_prefill_s_median"]
-            )
-            row["overhead_vs_bare_fraction"] = (
-                row["client_latency_s_median"] - row["bare_engine_s_median"]
-            ) / row["bare_engine_s_median"]
-            overhead.append(row)
-            print(
-                f"overhead  {n:>7} tokens: client {row['client_latency_s_median']:.3f} s, worker "
-                f"{row['worker_prefill_s_median']:.3f} s, bare engine {row['bare_engine_s_median']:.3f} s -> "
-                f"{100 * row['overhead_vs_worker_fraction']:.2f}% over the worker, "
-                f"{100 * row['overhead_vs_bare_fraction']:.2f}% over the bare engine"
-            )
-        results["overhead"] = overhead
-        del engine
-
-        # load -------------------------------------------------------------------------------
-        load_prompts = [prompt(args.load_tokens) for _ in range(args.load_requests)]
-        per_client = [load_prompts[i :: args.load_clients] for i in range(args.load_clients)]
-        started = time.perf_counter()
-        with ThreadPoolExecutor(args.load_clients) as executor:
-            jobs = [
-                executor.submit(
-                    run_client,
-                    service.target,
-                    {
-                        "kind": "prefill",
-                        "prompts": p,
-                        "chunk_size": args.chunk_size,
-                        "attention": args.attention,
-                    },
-                )
-                for p in per_client
-                if p
-            ]
-            rows = [row for job in jobs for row in job.result()]
-        wall = time.perf_counter() - started
-        latencies = [r[0] for r in rows]
-        results["load"] = {
-            "clients": args.load_clients,
-            "requests": len(rows),
-            "tokens_per_request": args.load_tokens,
-            "wall_s": wall,
-            "requests_per_s": len(rows) / wall,
-            "latency_s": {f"p{q}": percentile(latencies, q) for q in (50, 90, 99)},
-            "worker_prefill_s_median": statistics.median(r[1] for r in rows),
-            "note": "wall time includes starting one Python client process per client",
-        }
-        load = results["load"]
-        print(
-            f"load      {load['clients']} clients x {load['tokens_per_request']} tokens: "
-            f"{load['requests_per_s']:.1f} requests/s, latency p50 {load['latency_s']['p50']:.3f} s "
-            f"p90 {load['latency_s']['p90']:.3f} s p99 {load['latency_s']['p99']:.3f} s"
-        )
-
-        # fetch ------------------------------------------------------------------------------
-        with PrefillClient(service.target) as client:
-            kept = client.prefill(
-                token_ids=prompt(args.fetch_tokens), kv="handle", chunk_size=args.chunk_size
-            )
-            handle = kept.handle.handle
-            job = {
-                "kind": "fetch",
-                "handle": handle,
-                "repeats": args.repeats + 1,
-                "chunk_bytes": args.fetch_chunk_bytes,
-            }
-            rows = run_client(service.target, job)[1:]
-            in_process = []
-            for _ in range(args.repeats):
-                started = time.perf_counter()
-                transfer = client.fetch_kv(handle, max_chunk_bytes=args.fetch_chunk_bytes)
-                in_process.append([time.perf_counter() - started, transfer.bytes_received])
-            client.release(handle)
-            baseline_rows = fetch_without_ray(transfer, args.fetch_chunk_bytes, args.repeats + 1)[1:]
-        separate = [b / s / 1e9 for s, b in rows]
-        same = [b / s / 1e9 for s, b in in_process]
-        baseline = [b / s / 1e9 for s, b in baseline_rows]
-        results["fetch"] = {
-            "tokens": args.fetch_tokens,
-            "kv_bytes": kept.handle.kv_bytes,
-            "chunk_bytes": args.fetch_chunk_bytes,
-            "gb_per_s_median_client_process": statistics.median(separate),
-            "gb_per_s_median_client_in_server_process": statistics.median(same),
-            "gb_per_s_client_process": separate,
-            "gb_per_s_median_grpc_only_baseline": statistics.median(baseline),
-            "baseline": "the same pre-serialised chunks streamed by a bare grpc.aio server from its memory "
-            "(no Ray, no leases) to the same client code in a separate process",
-        }
-        fetch = results["fetch"]
-        print(
-            f"fetch     {kept.handle.kv_bytes / 2**20:.1f} MiB: "
-            f"{fetch['gb_per_s_median_client_process']:.2f} GB/s "
-            f"(client process), {fetch['gb_per_s_median_client_in_server_process']:.2f} GB/s (client in the "
-            "server process)"
-        )
-        print(
-            f"          baseline, gRPC alone (no Ray): {fetch['gb_per_s_median_grpc_only_baseline']:.2f} GB/s"
-        )
+        results["overhead"] = measure_overhead(service, args, prompt)
+        results["load"] = measure_load(service, args, prompt)
+        results["fetch"] = measure_fetch(service, args, prompt)
     ray.shutdown()
     results["load_average_at_end"] = list(os.getloadavg())  # other work sharing the machine
 
@@ -284,6 +186,142 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
+
+
+def measure_overhead(service, args, prompt) -> list[dict]:
+    """Per prompt length: the client's latency against the worker's prefill time and against the
+    bare engine in this process (same thread count), medians over repeats."""
+    import torch
+
+    from proxyprefill.workers.engine import PrefillEngine
+
+    worker_threads = service.pool.description.torch_threads
+    engine = PrefillEngine.from_pretrained(args.model, attention=args.attention, device=args.device)
+    if worker_threads:
+        torch.set_num_threads(worker_threads)
+    overhead = []
+    for n in args.lengths:
+        prompts = [prompt(n) for _ in range(args.repeats + 1)]
+        job = {
+            "kind": "prefill",
+            "prompts": prompts,
+            "chunk_size": args.chunk_size,
+            "attention": args.attention,
+        }
+        rows = run_client(service.target, job)[1:]  # the first request warms the worker up
+        client_s = [r[0] for r in rows]
+        worker_s = [r[1] for r in rows]
+        engine.prefill(prompts[0], chunk_size=args.chunk_size, logits="last")  # warm-up
+        bare = []
+        for ids in prompts[1:]:
+            started = time.perf_counter()
+            engine.prefill(ids, chunk_size=args.chunk_size, logits="last")
+            if engine.device.type == "cuda":
+                torch.cuda.synchronize()
+            bare.append(time.perf_counter() - started)
+        row = {
+            "tokens": n,
+            "client_latency_s_median": statistics.median(client_s),
+            "worker_prefill_s_median": statistics.median(worker_s),
+            "bare_engine_s_median": statistics.median(bare),
+            "overhead_vs_worker_s_median": statistics.median(c - w for c, w in zip(client_s, worker_s)),
+        }
+        row["overhead_vs_worker_fraction"] = (
+            row["overhead_vs_worker_s_median"] / row["worker_prefill_s_median"]
+        )
+        row["overhead_vs_bare_fraction"] = (
+            row["client_latency_s_median"] - row["bare_engine_s_median"]
+        ) / row["bare_engine_s_median"]
+        overhead.append(row)
+        print(
+            f"overhead  {n:>7} tokens: client {row['client_latency_s_median']:.3f} s, worker "
+            f"{row['worker_prefill_s_median']:.3f} s, bare engine {row['bare_engine_s_median']:.3f} s -> "
+            f"{100 * row['overhead_vs_worker_fraction']:.2f}% over the worker, "
+            f"{100 * row['overhead_vs_bare_fraction']:.2f}% over the bare engine"
+        )
+    return overhead
+
+
+def measure_load(service, args, prompt) -> dict:
+    """Requests/s and latency percentiles of many concurrent clients with short prompts."""
+    load_prompts = [prompt(args.load_tokens) for _ in range(args.load_requests)]
+    per_client = [load_prompts[i :: args.load_clients] for i in range(args.load_clients)]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.load_clients) as executor:
+        jobs = [
+            executor.submit(
+                run_client,
+                service.target,
+                {"kind": "prefill", "prompts": p, "chunk_size": args.chunk_size, "attention": args.attention},
+            )
+            for p in per_client
+            if p
+        ]
+        rows = [row for job in jobs for row in job.result()]
+    wall = time.perf_counter() - started
+    latencies = [r[0] for r in rows]
+    load = {
+        "clients": args.load_clients,
+        "requests": len(rows),
+        "tokens_per_request": args.load_tokens,
+        "wall_s": wall,
+        "requests_per_s": len(rows) / wall,
+        "latency_s": {f"p{q}": percentile(latencies, q) for q in (50, 90, 99)},
+        "worker_prefill_s_median": statistics.median(r[1] for r in rows),
+        "note": "wall time includes starting one Python client process per client",
+    }
+    print(
+        f"load      {load['clients']} clients x {load['tokens_per_request']} tokens: "
+        f"{load['requests_per_s']:.1f} requests/s, latency p50 {load['latency_s']['p50']:.3f} s "
+        f"p90 {load['latency_s']['p90']:.3f} s p99 {load['latency_s']['p99']:.3f} s"
+    )
+    return load
+
+
+def measure_fetch(service, args, prompt) -> dict:
+    """FetchKV throughput on loopback: a client in its own process, one in the server's, and
+    the gRPC leg alone (fetch_without_ray)."""
+    from proxyprefill.service.client import PrefillClient
+
+    with PrefillClient(service.target) as client:
+        kept = client.prefill(token_ids=prompt(args.fetch_tokens), kv="handle", chunk_size=args.chunk_size)
+        handle = kept.handle.handle
+        job = {
+            "kind": "fetch",
+            "handle": handle,
+            "repeats": args.repeats + 1,
+            "chunk_bytes": args.fetch_chunk_bytes,
+        }
+        rows = run_client(service.target, job)[1:]
+        in_process = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            transfer = client.fetch_kv(handle, max_chunk_bytes=args.fetch_chunk_bytes)
+            in_process.append([time.perf_counter() - started, transfer.bytes_received])
+        client.release(handle)
+        baseline_rows = fetch_without_ray(transfer, args.fetch_chunk_bytes, args.repeats + 1)[1:]
+    separate = [b / s / 1e9 for s, b in rows]
+    same = [b / s / 1e9 for s, b in in_process]
+    baseline = [b / s / 1e9 for s, b in baseline_rows]
+    fetch = {
+        "tokens": args.fetch_tokens,
+        "kv_bytes": kept.handle.kv_bytes,
+        "chunk_bytes": args.fetch_chunk_bytes,
+        "gb_per_s_median_client_process": statistics.median(separate),
+        "gb_per_s_median_client_in_server_process": statistics.median(same),
+        "gb_per_s_client_process": separate,
+        "gb_per_s_median_grpc_only_baseline": statistics.median(baseline),
+        "baseline": "the same pre-serialised chunks streamed by a bare grpc.aio server from its memory "
+        "(no Ray, no leases) to the same client code in a separate process",
+    }
+    print(
+        f"fetch     {kept.handle.kv_bytes / 2**20:.1f} MiB: "
+        f"{fetch['gb_per_s_median_client_process']:.2f} GB/s "
+        f"(client process), {fetch['gb_per_s_median_client_in_server_process']:.2f} GB/s (client in the "
+        "server process)"
+    )
+    print(f"          baseline, gRPC alone (no Ray): {fetch['gb_per_s_median_grpc_only_baseline']:.2f} GB/s")
+    return fetch
 
 
 def fetch_without_ray(transfer, chunk_bytes: int, repeats: int) -> list:
