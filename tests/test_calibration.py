@@ -257,10 +257,10 @@ def test_the_server_refuses_a_profile_file_that_is_not_there(tmp_path):
 def test_calibrate_flags_state_their_defaults_and_bad_values_stop_before_loading(capsys):
     import argparse
 
-    from proxyprefill import cli
+    from proxyprefill import cli, offline_commands
 
     parser = argparse.ArgumentParser()
-    cli._add_calibrate_flags(parser)
+    offline_commands.add_calibrate_flags(parser)
     options = [action for action in parser._actions if action.dest != "help"]
     assert len(options) == 16
     for action in options:

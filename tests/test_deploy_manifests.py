@@ -314,14 +314,12 @@ def test_the_batch_job_runs_the_batch_command(rendered):
     assert words[:2] == ["proxyprefill", "batch"]
     assert "--input" in words and "--output" in words
     assert job["shutdownAfterJobFinishes"] is True
-    from proxyprefill import cli
-
-    if "_add_batch_flags" not in vars(cli):
-        pytest.skip("this checkout has no `proxyprefill batch` command to parse the entrypoint with")
     import argparse
 
+    from proxyprefill import offline_commands
+
     parser = argparse.ArgumentParser()
-    cli._add_batch_flags(parser)
+    offline_commands.add_batch_flags(parser)
     args = parser.parse_args(words[2:])
     assert args.output.startswith("/data/") and args.model.startswith("/models/")
 
