@@ -164,6 +164,31 @@ class ServerConfig:
             gamma=self.gamma, min_budget_tokens=self.min_budget_tokens, stride=self.stride, **extra
         )
 
+    def engine_kwargs(self) -> dict:
+        """PrefillEngine.from_pretrained's arguments: what every worker loads and how it attends."""
+        return {
+            "path": self.model,
+            "profile": self.profile,
+            "attention": self.attention,
+            "config": self.proxy_config(),
+            "device": self.device,
+            "dtype": self.dtype,
+            "backend": self.backend,
+        }
+
+    def pool_kwargs(self) -> dict:
+        """WorkerPool.start's options."""
+        from proxyprefill.workers.ray_pool import WarmUpPlan
+
+        return {
+            "num_workers": self.num_workers,
+            "ray_address": self.ray_address,
+            "ray_num_cpus": self.ray_num_cpus,
+            "pipeline_workers": self.pipeline_workers,
+            "pipeline_stage_memory_bytes": self.pipeline_stage_memory_bytes,
+            "warm_up": WarmUpPlan(self.warm_up, self.default_chunk_size, self.max_prompt_tokens),
+        }
+
     @property
     def tls_enabled(self) -> bool:
         return bool(self.tls_cert and self.tls_key)

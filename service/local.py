@@ -14,7 +14,7 @@ import asyncio
 import threading
 
 from .config import ServerConfig
-from .server import PrefillServer, engine_kwargs, pool_kwargs
+from .server import PrefillServer
 
 
 class LocalService:
@@ -36,7 +36,7 @@ class LocalService:
         if self.pool is None:
             from proxyprefill.workers.ray_pool import WorkerPool
 
-            self.pool = WorkerPool.start(engine_kwargs(self.config), **pool_kwargs(self.config))
+            self.pool = WorkerPool.start(self.config.engine_kwargs(), **self.config.pool_kwargs())
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="proxyprefill-server", daemon=True)
         self._thread.start()

@@ -547,32 +547,6 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
     )
 
 
-def engine_kwargs(config: ServerConfig) -> dict:
-    return {
-        "path": config.model,
-        "profile": config.profile,
-        "attention": config.attention,
-        "config": config.proxy_config(),
-        "device": config.device,
-        "dtype": config.dtype,
-        "backend": config.backend,
-    }
-
-
-def pool_kwargs(config: ServerConfig) -> dict:
-    """WorkerPool.start's options from the server's configuration."""
-    from proxyprefill.workers.ray_pool import WarmUpPlan
-
-    return {
-        "num_workers": config.num_workers,
-        "ray_address": config.ray_address,
-        "ray_num_cpus": config.ray_num_cpus,
-        "pipeline_workers": config.pipeline_workers,
-        "pipeline_stage_memory_bytes": config.pipeline_stage_memory_bytes,
-        "warm_up": WarmUpPlan(config.warm_up, config.default_chunk_size, config.max_prompt_tokens),
-    }
-
-
 async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> None:
     """Runs the service until SIGTERM/SIGINT (then drains): local Ray unless ray_address is set.
 
@@ -585,7 +559,7 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
-    pool = await asyncio.to_thread(WorkerPool.start, engine_kwargs(config), **pool_kwargs(config))
+    pool = await asyncio.to_thread(WorkerPool.start, config.engine_kwargs(), **config.pool_kwargs())
     server = PrefillServer(config, pool)
     try:
         if stop_requested.is_set():

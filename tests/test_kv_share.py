@@ -145,7 +145,6 @@ def service(tmp_path_factory):
 
     from proxyprefill.service import config as config_mod
     from proxyprefill.service.local import LocalService
-    from proxyprefill.service.server import engine_kwargs
     from proxyprefill.workers.ray_pool import WorkerPool
 
     path = tmp_path_factory.mktemp("tiny-llama-share")
@@ -159,7 +158,7 @@ def service(tmp_path_factory):
         dense_below_tokens=0,
     )
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    pool = WorkerPool.start(engine_kwargs(config), num_workers=1)
+    pool = WorkerPool.start(config.engine_kwargs(), num_workers=1)
     service = LocalService(config, pool=pool).start()
     yield service
     service.stop()

@@ -22,7 +22,6 @@ from proxyprefill.protos import prefill_pb2 as pb  # noqa: E402
 from proxyprefill.service import config as config_mod  # noqa: E402
 from proxyprefill.service.client import PrefillClient  # noqa: E402
 from proxyprefill.service.local import LocalService  # noqa: E402
-from proxyprefill.service.server import engine_kwargs  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +51,7 @@ def pool():
     from proxyprefill.workers.ray_pool import WorkerPool
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    pool = WorkerPool.start(engine_kwargs(_config()), num_workers=2)
+    pool = WorkerPool.start(_config().engine_kwargs(), num_workers=2)
     yield pool
     pool.shutdown()
     ray.shutdown()

@@ -24,7 +24,6 @@ from _support import save_tiny_llama, wait_for  # noqa: E402
 from proxyprefill.service import config as config_mod  # noqa: E402
 from proxyprefill.service.client import PrefillClient  # noqa: E402
 from proxyprefill.service.local import LocalService  # noqa: E402
-from proxyprefill.service.server import engine_kwargs, pool_kwargs  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +63,7 @@ def pool(config):
     from proxyprefill.workers.ray_pool import WorkerPool
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    pool = WorkerPool.start(engine_kwargs(config), **pool_kwargs(config))
+    pool = WorkerPool.start(config.engine_kwargs(), **config.pool_kwargs())
     yield pool
     pool.shutdown()
     ray.shutdown()

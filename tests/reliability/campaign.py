@@ -440,7 +440,6 @@ def run_campaign(config: CampaignConfig, warmup: int = 50) -> list[PhaseReport]:
 
     from proxyprefill.service import config as config_mod
     from proxyprefill.service.local import LocalService
-    from proxyprefill.service.server import engine_kwargs
     from proxyprefill.workers.ray_pool import WorkerPool
 
     server_config = config_mod.load(
@@ -452,7 +451,7 @@ def run_campaign(config: CampaignConfig, warmup: int = 50) -> list[PhaseReport]:
         log_level="WARNING",
     )
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    pool = WorkerPool.start(engine_kwargs(server_config), num_workers=config.workers)
+    pool = WorkerPool.start(server_config.engine_kwargs(), num_workers=config.workers)
     try:
         prompts = make_prompts(config, pool.description.model.vocab_size)
         references = dense_references(config.model, prompts)

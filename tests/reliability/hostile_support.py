@@ -175,13 +175,12 @@ def start_tiny_model_pool(model_dir, num_cpus: int = 2):
     sys.path.insert(0, str(Path(__file__).parent.parent))
     from _support import save_tiny_llama
 
-    from proxyprefill.service.server import engine_kwargs
     from proxyprefill.workers.ray_pool import WorkerPool
 
     save_tiny_llama(model_dir, num_layers=2)
     if not ray.is_initialized():
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    return WorkerPool.start(engine_kwargs(tiny_model_config(model_dir)), num_workers=1)
+    return WorkerPool.start(tiny_model_config(model_dir).engine_kwargs(), num_workers=1)
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path] | None:

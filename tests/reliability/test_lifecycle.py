@@ -18,7 +18,6 @@ from proxyprefill.service.admission import Admission, AdmissionError  # noqa: E4
 from proxyprefill.service.client import PrefillClient  # noqa: E402
 from proxyprefill.service.leases import LeaseTable  # noqa: E402
 from proxyprefill.service.local import LocalService  # noqa: E402
-from proxyprefill.service.server import engine_kwargs  # noqa: E402
 from proxyprefill.workers.engine import PrefillCancelled, PrefillEngine  # noqa: E402
 from proxyprefill.workers.protocol import PrefillDone, PrefillOptions  # noqa: E402
 from proxyprefill.workers.streaming import PREFILL_THREADS  # noqa: E402
@@ -44,7 +43,7 @@ def _config(model_dir, **overrides):
 @pytest.fixture
 def served(model_dir):
     config = _config(model_dir)
-    pool = InProcessPool(engine_kwargs(config))
+    pool = InProcessPool(config.engine_kwargs())
     with LocalService(config, pool=pool) as service, PrefillClient(service.target) as client:
         yield service.server, pool, client
 
@@ -120,7 +119,7 @@ def test_cancel_after_the_worker_kept_the_kv_frees_it(served):
 
 def test_a_stop_without_grace_still_frees_the_kv_of_cancelled_prefills(model_dir):
     config = _config(model_dir)
-    pool = InProcessPool(engine_kwargs(config))
+    pool = InProcessPool(config.engine_kwargs())
     worker = pool.workers[0]
     kept, gate = threading.Event(), threading.Event()
     finish = worker._finish
@@ -211,7 +210,7 @@ def test_releasing_kv_lost_with_its_worker_reports_no_phantom_bytes(served):
 
 def test_prefills_reuse_a_few_threads(model_dir):
     config = _config(model_dir)
-    worker = InProcessPool(engine_kwargs(config)).workers[0]
+    worker = InProcessPool(config.engine_kwargs()).workers[0]
     threads = []  # the Thread objects themselves: an id could be reused once a thread is gone
     worker.engine.runner.layers[0].register_forward_pre_hook(
         lambda module, args: threads.append(threading.current_thread())

@@ -14,7 +14,6 @@ from proxyprefill.kernels.config import ProxyAttnConfig  # noqa: E402
 from proxyprefill.service import config as config_mod  # noqa: E402
 from proxyprefill.service.client import PrefillClient  # noqa: E402
 from proxyprefill.service.local import LocalService  # noqa: E402
-from proxyprefill.service.server import engine_kwargs, pool_kwargs  # noqa: E402
 from proxyprefill.workers.engine import WARM_UP_TAIL, PrefillEngine  # noqa: E402
 from proxyprefill.workers.ray_pool import WarmUpPlan  # noqa: E402
 
@@ -56,7 +55,7 @@ def test_warm_up_plan_follows_the_config():
     config = config_mod.load(
         environ={}, listen="127.0.0.1:0", default_chunk_size=4096, max_prompt_tokens=1000
     )
-    assert pool_kwargs(config)["warm_up"] == WarmUpPlan("auto", 4096, 1000)
+    assert config.pool_kwargs()["warm_up"] == WarmUpPlan("auto", 4096, 1000)
     assert WarmUpPlan("auto").wanted("cuda") and not WarmUpPlan("auto").wanted("cpu")
     assert WarmUpPlan("on").wanted("cpu") and not WarmUpPlan("off").wanted("cuda")
     with pytest.raises(config_mod.ConfigError, match="warm_up"):
@@ -77,7 +76,7 @@ def test_health_turns_serving_only_after_the_warm_up(model_dir, monkeypatch):
         environ={}, listen="127.0.0.1:0", model=model_dir, attention="dense", num_workers=1, warm_up="on",
         default_chunk_size=128,
     )  # fmt: skip
-    pool = InProcessPool(engine_kwargs(config), warm_up=pool_kwargs(config)["warm_up"])
+    pool = InProcessPool(config.engine_kwargs(), warm_up=config.pool_kwargs()["warm_up"])
     with LocalService(config, pool=pool) as service, PrefillClient(service.target) as client:
         assert started.wait(30)
         assert client.health() == "NOT_SERVING"
