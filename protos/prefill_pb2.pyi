@@ -296,12 +296,24 @@ class FetchKVRequest(_message.Message):
     def __init__(self, handle: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., include_token_ids: _Optional[bool] = ...) -> None: ...
 
 class MapKVRequest(_message.Message):
-    __slots__ = ("handle", "transport")
+    __slots__ = ("handle", "transport", "consumer")
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_FIELD_NUMBER: _ClassVar[int]
     handle: str
     transport: KVTransport
-    def __init__(self, handle: _Optional[str] = ..., transport: _Optional[_Union[KVTransport, str]] = ...) -> None: ...
+    consumer: ConsumerProcess
+    def __init__(self, handle: _Optional[str] = ..., transport: _Optional[_Union[KVTransport, str]] = ..., consumer: _Optional[_Union[ConsumerProcess, _Mapping]] = ...) -> None: ...
+
+class ConsumerProcess(_message.Message):
+    __slots__ = ("pid", "start_ticks", "pid_namespace")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    START_TICKS_FIELD_NUMBER: _ClassVar[int]
+    PID_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    start_ticks: int
+    pid_namespace: int
+    def __init__(self, pid: _Optional[int] = ..., start_ticks: _Optional[int] = ..., pid_namespace: _Optional[int] = ...) -> None: ...
 
 class SharedTensor(_message.Message):
     __slots__ = ("shape", "stride", "offset_bytes", "cuda_ipc_handle", "cuda_storage_bytes", "cuda_storage_offset_bytes", "storage_offset", "cuda_device", "cuda_ref_counter_handle", "cuda_ref_counter_offset", "cuda_event_handle", "cuda_event_sync_required")

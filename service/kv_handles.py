@@ -15,7 +15,7 @@ import grpc
 
 from proxyprefill.protos import prefill_pb2 as pb
 from proxyprefill.workers.kv_push import KVPushError, PushTarget
-from proxyprefill.workers.kv_share import KVShareError, share_to_message, transport_name
+from proxyprefill.workers.kv_share import KVShareError, ProcessRef, share_to_message, transport_name
 from proxyprefill.workers.kv_wire import encode_chunk, header_message
 from proxyprefill.workers.protocol import KVMissing, KVUnavailable
 
@@ -109,8 +109,9 @@ class KVHandleRPCs:
         audit.handle_event(lease.handle, "fetched", principal.name, layers=f"{start}-{end}")
 
     async def MapKV(self, request, context):
-        """Same-host handoff (workers/kv_share.py): the worker shares the KV memory once per
-        transport; the lease keeps it, ReleaseKV or expiry unlinks it."""
+        """Same-host handoff (workers/kv_share.py): the worker shares the KV memory (a segment
+        once per handle, or CUDA IPC handles for this consumer); the lease keeps it, ReleaseKV or
+        expiry unlinks it."""
         try:
             principal = self._identify(context)
             lease = self.leases.get(request.handle, principal.name)
@@ -123,7 +124,11 @@ class KVHandleRPCs:
                     grpc.StatusCode.FAILED_PRECONDITION,
                     "handle: a sharded prefill's KV lives on several stages; use FetchKV",
                 )
-            share = await self._on_worker(lease, self.pool.share, transport, expected=KVShareError)
+            consumer = None
+            if request.HasField("consumer"):
+                process = request.consumer
+                consumer = ProcessRef(process.pid, process.start_ticks, process.pid_namespace)
+            share = await self._on_worker(lease, self.pool.share, transport, consumer, expected=KVShareError)
         except KVShareError as error:
             await self._abort(context, "MapKV", grpc.StatusCode.FAILED_PRECONDITION, str(error))
             return None

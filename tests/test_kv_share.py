@@ -100,6 +100,68 @@ time.sleep(600)
 """
 
 
+def test_process_ref_tells_a_dead_or_replaced_process_apart():
+    from proxyprefill.workers.kv_share import ProcessRef
+
+    me = ProcessRef.this_process()
+    assert me is not None and me.alive() is True
+    assert ProcessRef(me.pid, me.start_ticks + 1, me.pid_namespace).alive() is False  # a reused pid
+    assert ProcessRef(me.pid, me.start_ticks, me.pid_namespace + 1).alive() is None  # cannot tell
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        from proxyprefill.workers.kv_share import _start_ticks
+
+        ref = ProcessRef(child.pid, _start_ticks(child.pid), me.pid_namespace)
+        assert ref.alive() is True
+        child.kill()
+        child.wait(timeout=30)
+        assert ref.alive() is False
+    finally:
+        if child.poll() is None:
+            child.kill()
+
+
+def test_cuda_exports_reap_releases_only_for_dead_consumers(monkeypatch):
+    """The bookkeeping behind CUDA IPC exports, on a counter file laid out as torch's (a 64-byte
+    header, then int64 counters): an export whose consumer let go is forgotten, one whose
+    consumer died holding it is released on its behalf, one of a live or unseen consumer stays."""
+    from proxyprefill.workers import kv_share
+    from proxyprefill.workers.kv_share import CudaExport, CudaExports, ProcessRef
+
+    name = f"proxyprefill-test-counters-{os.getpid()}"
+    path = SHM_DIR / name
+    counters = np.zeros(8 + 6, dtype="<i8")  # 64-byte header, then counters 0..5
+    counters[8:] = [1, 1, 0, 0, 1, 1]
+    path.write_bytes(counters.tobytes())
+    released = []
+    monkeypatch.setattr(
+        torch.UntypedStorage, "_release_ipc_counter_cuda", lambda h, o: released.append(o), raising=False
+    )
+    monkeypatch.setattr(torch.cuda, "ipc_collect", lambda: released.append("collect"))
+    me = ProcessRef.this_process()
+    dead = ProcessRef(me.pid, me.start_ticks + 1, me.pid_namespace)
+    unseen = ProcessRef(me.pid, me.start_ticks + 1, me.pid_namespace + 1)
+    handle = ("/" + name).encode()
+    try:
+        exports = CudaExports()
+        exports._exports = [
+            CudaExport(dead, [(handle, 0), (handle, 2)]),  # died holding counter 0
+            CudaExport(dead, [(handle, 2), (handle, 3)]),  # died after letting go
+            CudaExport(me, [(handle, 1)]),  # alive, holding
+            CudaExport(unseen, [(handle, 4)]),  # another pid namespace
+            CudaExport(None, [(handle, 5)]),  # no consumer given
+            CudaExport(dead, [(b"/proxyprefill-no-such-counters", 0)]),  # file retired
+        ]
+        assert exports.reap() == 1
+        assert released == [0, "collect"]  # the freed blocks are collected at once
+        released.clear()
+        assert exports.reap() == 0 and released == []  # nothing ended: nothing to collect
+        assert [e.counters[0][1] for e in exports._exports] == [1, 4, 5]
+        assert kv_share._export_counter(handle, 1) == 1
+    finally:
+        path.unlink()
+
+
 def _shm_used_bytes() -> int:
     stat = os.statvfs(SHM_DIR)
     return (stat.f_blocks - stat.f_bfree) * stat.f_frsize

@@ -66,3 +66,167 @@ def test_cuda_ipc_between_processes():
     finally:
         if producer.is_alive():
             producer.kill()
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the service: a worker on the GPU, decoders mapping its KV with CUDA IPC
+# ---------------------------------------------------------------------------------------------
+_GPU_HOLDER = """
+import sys, torch
+from proxyprefill.service.client import PrefillClient
+with PrefillClient(sys.argv[1]) as client:
+    mapped = client.map_kv(sys.argv[2], transport="cuda_ipc")
+    print(float(sum(t.double().sum() for t in mapped.keys + mapped.values)), flush=True)
+    sys.stdin.readline()  # the lease ends meanwhile; the mapping must still read the same
+    print(float(sum(t.double().sum() for t in mapped.keys + mapped.values)), flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.fixture(scope="module")
+def gpu_service(tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("grpc_health")
+    from _support import save_tiny_llama
+
+    from proxyprefill.service import config as config_mod
+    from proxyprefill.service.local import LocalService
+    from proxyprefill.workers.ray_pool import WorkerPool
+
+    path = tmp_path_factory.mktemp("tiny-llama-gpu-share")
+    save_tiny_llama(path, 2)
+    config = config_mod.load(
+        environ={},
+        listen="127.0.0.1:0",
+        model=str(path),
+        dtype="float16",
+        device="cuda",
+        num_workers=1,
+        dense_below_tokens=0,
+        warm_up="off",
+    )
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    pool = WorkerPool.start(config.engine_kwargs(), num_workers=1)
+    service = LocalService(config, pool=pool).start()
+    yield service
+    service.stop()
+    pool.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def gpu_client(gpu_service):
+    from proxyprefill.service.client import PrefillClient
+
+    with PrefillClient(gpu_service.target) as client:
+        for _ in range(2):  # CUDA context, kernels and allocator pools exist from here on
+            client.release(_gpu_handle(client, 64))
+        yield client
+
+
+def _worker_gpu_bytes(service) -> int:
+    import ray
+
+    return ray.get(service.pool.stats(0))["gpu_bytes"]
+
+
+def _settles_at(service, baseline: int, seconds: float = 20.0) -> bool:
+    """Whether the worker's GPU memory comes back to `baseline` (the server's watch reaps dead
+    consumers every few seconds)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while _worker_gpu_bytes(service) != baseline and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return _worker_gpu_bytes(service) == baseline
+
+
+def _gpu_handle(client, tokens, lease_seconds=0):
+    ids = torch.randint(0, 256, (tokens,), generator=torch.Generator().manual_seed(tokens)).tolist()
+    return client.prefill(token_ids=ids, kv="handle", lease_seconds=lease_seconds).handle.handle
+
+
+def _checksum(tensors) -> float:
+    return float(sum(t.double().sum() for t in tensors))
+
+
+def _holder(service, handle: str):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _GPU_HOLDER, service.target, handle],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    return holder, float(holder.stdout.readline())
+
+
+def _mapped_equals_fetched(client, handle) -> None:
+    from proxyprefill.workers.kv_share import CUDA_IPC
+
+    fetched = client.fetch_kv(handle)
+    mapped = client.map_kv(handle, transport=CUDA_IPC)
+    assert mapped.transport == CUDA_IPC and mapped.bytes_received == 0 and mapped.keys[0].is_cuda
+    for a, b in zip(fetched.keys + fetched.values, mapped.keys + mapped.values, strict=True):
+        assert torch.equal(a, b.cpu())
+
+
+def test_service_cuda_ipc_equals_fetch_and_release_frees(gpu_service, gpu_client):
+    baseline = _worker_gpu_bytes(gpu_service)
+    handle = _gpu_handle(gpu_client, 2000)
+    assert _worker_gpu_bytes(gpu_service) > baseline
+    _mapped_equals_fetched(gpu_client, handle)  # its tensors are gone when it returns
+    torch.cuda.synchronize()
+    gpu_client.release(handle)
+    assert _worker_gpu_bytes(gpu_service) == baseline
+
+
+def test_service_cuda_ipc_expiry_frees(gpu_service, gpu_client):
+    from proxyprefill.workers.kv_share import CUDA_IPC
+
+    baseline = _worker_gpu_bytes(gpu_service)
+    handle = _gpu_handle(gpu_client, 1500, lease_seconds=1)
+    gpu_client.map_kv(handle, transport=CUDA_IPC)  # dropped at once: the lease alone keeps it
+    assert _settles_at(gpu_service, baseline)
+
+
+def test_service_cuda_ipc_two_decoders_and_release_while_one_holds(gpu_service, gpu_client):
+    """Each MapKV is its own export: a decoder letting go does not free what another holds,
+    even after the lease ended; the memory goes when the last one lets go."""
+    baseline = _worker_gpu_bytes(gpu_service)
+    handle = _gpu_handle(gpu_client, 1700)
+    expected = _checksum(gpu_client.fetch_kv(handle).keys + gpu_client.fetch_kv(handle).values)
+    holder, first = _holder(gpu_service, handle)
+    try:
+        assert first == expected
+        _mapped_equals_fetched(gpu_client, handle)  # a second decoder maps and lets go
+        torch.cuda.synchronize()
+        gpu_client.release(handle)
+        assert _worker_gpu_bytes(gpu_service) > baseline  # the holder still reads it
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert float(holder.stdout.readline()) == expected
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.wait(timeout=60) == 0
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    assert _settles_at(gpu_service, baseline)
+
+
+def test_service_cuda_ipc_decoder_dying_with_a_mapping_frees(gpu_service, gpu_client):
+    baseline = _worker_gpu_bytes(gpu_service)
+    handle = _gpu_handle(gpu_client, 1800)
+    holder, first = _holder(gpu_service, handle)
+    try:
+        assert first != 0.0  # it mapped and read the KV
+        holder.kill()  # dies holding the mapping
+        holder.wait(timeout=60)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    gpu_client.release(handle)
+    assert _settles_at(gpu_service, baseline)

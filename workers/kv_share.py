@@ -12,9 +12,15 @@ decode process on the worker's machine needs none of that; it can read the memor
 
 Lifetime follows the lease: the worker keeps the tensors (and the segment) until the handle is
 released or expires, then drops the tensors and unlinks the segment. A mapping a decode process
-still holds stays readable until it unmaps (the kernel frees the pages then, and torch's CUDA IPC
-reference counts keep a GPU block until its consumers let go), so a decoder that dies holding a
-mapping frees it with its death, and the worker never waits on a client.
+still holds stays readable until it unmaps, and the worker never waits on a client:
+
+- shared memory: the kernel frees the pages with the last mapping, so a decoder that dies
+  holding one frees it with its death;
+- CUDA IPC: torch keeps an exported GPU block (in its "limbo") until the consumer decrements
+  the export's reference counter. Each MapKV therefore gets an export of its own (one counter,
+  one release), and the worker remembers which process asked (`ProcessRef`): a consumer killed
+  before it let go never decrements, so `CudaExports.reap` does it on the dead process's behalf
+  and the block is freed.
 
 Worker and server exchange `KVShare` (typed); the server turns it into the `KVMapping` message
 and the client turns that back into tensors with `open_mapping`.
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -143,6 +150,7 @@ def _share_cpu(keys: list[torch.Tensor], values: list[torch.Tensor], name: str) 
 
 
 def _share_cuda(keys: list[torch.Tensor], values: list[torch.Tensor]) -> SharedKV:
+    # every call wraps each storage in a new torch export with its own reference counter
     infos = []
     for tensor in keys + values:
         ipc = CudaIpc(*tensor.untyped_storage()._share_cuda_())
@@ -189,6 +197,113 @@ def _share(keys, values, transport: str, name: str) -> SharedKV:
             raise KVShareError(f"transport: shared memory needs {SHM_DIR}, absent on the worker's host")
         return _share_cpu([k.cpu() for k in keys], [v.cpu() for v in values], name)
     raise KVShareError(f"transport: unknown {transport!r}")
+
+
+# who mapped a CUDA IPC export, and whether it let go --------------------------------------
+@dataclass(frozen=True)
+class ProcessRef:
+    """A process of this host, told apart from a later one reusing its pid: pid, start time
+    (clock ticks after boot) and pid namespace (a pid means nothing in another namespace)."""
+
+    pid: int
+    start_ticks: int
+    pid_namespace: int
+
+    @classmethod
+    def this_process(cls) -> ProcessRef | None:
+        ticks = _start_ticks(os.getpid())
+        return None if ticks is None else cls(os.getpid(), ticks, _pid_namespace())
+
+    def alive(self) -> bool | None:
+        """Whether the process still runs; None where this process cannot tell (another pid
+        namespace)."""
+        if self.pid_namespace != _pid_namespace():
+            return None
+        return _start_ticks(self.pid) == self.start_ticks
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The process's start time from /proc/<pid>/stat; None when it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state is field 3
+    return None if fields[0] in ("Z", "X") else int(fields[19])  # starttime is field 22
+
+
+# torch's reference-counter files: a RefcountedMapAllocator segment in /dev/shm whose data (int64
+# counters, one per export) starts after its 64-byte header
+_REF_COUNTER_HEADER_BYTES = 64
+
+
+def _export_counter(handle: bytes, offset: int) -> int | None:
+    """An export's reference count (1 while its consumer holds it, 0 once let go); None when
+    torch has retired the counter file (every export in it is over)."""
+    try:
+        with open(SHM_DIR / handle.decode().lstrip("/"), "rb") as counters:
+            counters.seek(_REF_COUNTER_HEADER_BYTES + 8 * offset)
+            raw = counters.read(8)
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int.from_bytes(raw, "little", signed=True) if len(raw) == 8 else None
+
+
+@dataclass
+class CudaExport:
+    """One MapKV's CUDA IPC export: the consumer and each tensor's counter (handle, offset)."""
+
+    consumer: ProcessRef | None
+    counters: list[tuple[bytes, int]]
+
+
+class CudaExports:
+    """The CUDA IPC exports a worker made, until each consumer has let go or died."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._exports: list[CudaExport] = []
+
+    def __len__(self) -> int:
+        return len(self._exports)
+
+    def add(self, shared: SharedKV, consumer: ProcessRef | None) -> None:
+        infos = shared.share.keys + shared.share.values
+        counters = [(i.cuda.ref_counter_handle, i.cuda.ref_counter_offset) for i in infos if i.cuda]
+        with self._lock:
+            self._exports.append(CudaExport(consumer, counters))
+
+    def reap(self) -> int:
+        """Forgets the exports whose consumer let go, releases those of consumers that died
+        holding them (torch then frees the blocks) and answers how many it released. Exports of
+        a consumer we cannot see (another pid namespace) are kept until it lets go."""
+        released = []
+        with self._lock:
+            before = len(self._exports)
+            kept = []
+            for export in self._exports:
+                counts = [_export_counter(handle, offset) for handle, offset in export.counters]
+                held = [c for c, count in zip(export.counters, counts, strict=True) if count and count > 0]
+                if not held:
+                    continue  # let go
+                if export.consumer is not None and export.consumer.alive() is False:
+                    released.append(held)
+                else:
+                    kept.append(export)
+            self._exports = kept
+        for held in released:
+            for handle, offset in held:
+                torch.UntypedStorage._release_ipc_counter_cuda(handle, offset)
+        if len(kept) < before:
+            torch.cuda.ipc_collect()  # frees the blocks of the exports that just ended
+        return len(released)
 
 
 def _open_cpu(share: KVShare) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -71,6 +71,14 @@ def resident_bytes() -> int:
     return 0
 
 
+def gpu_allocated_bytes() -> int:
+    """Bytes this process holds in torch's CUDA allocator (0 without CUDA): what a lease that
+    ends must give back."""
+    import torch
+
+    return torch.cuda.memory_allocated() if torch.cuda.is_initialized() else 0
+
+
 def task_cancelled() -> bool:
     """Whether the server cancelled the Ray task running this code (False outside Ray)."""
     try:
@@ -123,7 +131,10 @@ class PrefillWorker(StreamingPrefills):
         self.name = name
         self.engine = PrefillEngine.from_pretrained(**kwargs)
         self._init_requests()
+        from proxyprefill.workers.kv_share import CudaExports
+
         self._kv: dict[str, StoredKV] = {}
+        self._cuda_exports = CudaExports()  # what decoders mapped over CUDA IPC, until they let go
         self._fetching = 0  # fetches in flight, all handles
         self._reader_left = threading.Condition(self._lock)
         self.warm_up_report = None  # engine.WarmUpReport once warmed up
@@ -171,6 +182,7 @@ class PrefillWorker(StreamingPrefills):
                 "fetching": self._fetching,
                 "threads": threading.active_count(),
                 "rss_bytes": resident_bytes(),
+                "gpu_bytes": gpu_allocated_bytes(),
                 "warmed_up": self.warmed_up.is_set(),
                 "warm_up_seconds": None if self.warm_up_report is None else self.warm_up_report.seconds,
                 "warm_up_error": self.warm_up_error,
@@ -260,10 +272,12 @@ class PrefillWorker(StreamingPrefills):
                     return
                 yield piece
 
-    def share(self, handle: str, transport: str):
-        """A KVShare through which a process on this host maps the KV of `handle` (made once per
-        transport and kept until release), or None when the handle is not here."""
-        from proxyprefill.workers.kv_share import share_kv
+    def share(self, handle: str, transport: str, consumer=None):
+        """A KVShare through which a process on this host (`consumer`, a kv_share.ProcessRef)
+        maps the KV of `handle`, or None when the handle is not here. A shared-memory segment is
+        made once per handle and kept until release; CUDA IPC handles are exported anew for
+        each consumer (workers/kv_share.py says why)."""
+        from proxyprefill.workers.kv_share import CUDA_IPC, share_kv
 
         with self._lock:
             stored = self._kv.get(handle)
@@ -274,9 +288,16 @@ class PrefillWorker(StreamingPrefills):
                 shared = share_kv(
                     stored.keys, stored.values, stored.token_ids, transport, name=f"proxyprefill-{handle}"
                 )
+                if shared.share.transport == CUDA_IPC:
+                    self._cuda_exports.add(shared, consumer)
+                    return shared.share
                 stored.shares[transport] = shared
                 stored.shares[shared.share.transport] = shared  # "" (auto) and its pick
         return shared.share
+
+    def probe_state(self) -> tuple[str, bool]:
+        self._cuda_exports.reap()  # the server's watch calls this every few seconds
+        return super().probe_state()
 
     def push(self, handle: str, target) -> int | None:
         """Sends the KV of `handle` to a receiver (workers/kv_push.py); the bytes sent, or None
@@ -309,6 +330,7 @@ class PrefillWorker(StreamingPrefills):
             for shared in stored.shares.values():
                 shared.close()  # unlinks the segment; mappings already made stay valid
         nbytes, stored = stored.nbytes, None  # a fetch still reading (past the wait) keeps its own
+        self._cuda_exports.reap()
         self._empty_device_cache()
         return nbytes
 
@@ -329,6 +351,7 @@ class PrefillWorker(StreamingPrefills):
         import torch
 
         if self.engine.device.type == "cuda":
+            torch.cuda.ipc_collect()  # exported blocks whose consumers let go: freed now, not later
             torch.cuda.empty_cache()
 
 
@@ -539,8 +562,8 @@ class WorkerPool:
     def release(self, worker: int, handle: str):
         return self._actor(worker).release.remote(handle)
 
-    def share(self, worker: int, handle: str, transport: str):
-        return self._actor(worker).share.remote(handle, transport)
+    def share(self, worker: int, handle: str, transport: str, consumer=None):
+        return self._actor(worker).share.remote(handle, transport, consumer)
 
     def push(self, worker: int, handle: str, target):
         return self._actor(worker).push.remote(handle, target)
