@@ -101,7 +101,8 @@ class Admission:
             up = [i for i in range(self._routable) if self._workers[i].available]
             if not up:
                 raise AdmissionError(
-                    grpc.StatusCode.UNAVAILABLE, "no worker is available (restarting); retry shortly"
+                    grpc.StatusCode.UNAVAILABLE,
+                    "no worker is ready (starting, warming up or restarting); retry shortly",
                 )
             index = min(up, key=lambda i: (self._workers[i].pending_tokens, i))
         chosen = self._workers[index]

@@ -14,6 +14,7 @@ protobuf parse of their bulk fields (workers/kv_wire.py), over several streams a
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -412,6 +413,21 @@ class PrefillClient:
 
     def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata)
+
+    def wait_until_serving(self, timeout: float = 600.0, poll_seconds: float = 0.5) -> None:
+        """Blocks until the server's health is SERVING (its workers are loaded and warmed up);
+        TimeoutError after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        status = "UNKNOWN"
+        while time.monotonic() < deadline:
+            try:
+                status = self.health(timeout=min(5.0, max(0.1, deadline - time.monotonic())))
+            except grpc.RpcError as error:
+                status = error.code().name
+            if status == "SERVING":
+                return
+            time.sleep(poll_seconds)
+        raise TimeoutError(f"the server was not SERVING after {timeout:.0f} s (last status {status})")
 
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
