@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from proxyprefill.service.client import FETCH_STREAMS
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import git_commit  # noqa: E402
 
@@ -118,12 +120,13 @@ def measure(path: str, shape: dict, repeats: int) -> dict:
 TTFT_PATHS = ("grpc", "shared_memory", "cuda_ipc", "push_gloo", "push_nccl")
 
 
-def _take_kv(client, path: str, handle: str, streams: int):
-    """The KV of `handle` by one path, as the client's KVTransfer."""
+def _take_kv(client, run: dict, handle: str):
+    """The KV of `handle` by the run's path, as the client's KVTransfer."""
+    path = run["path"]
     if path == "grpc":
-        if streams > 1:
-            return client.fetch_kv(handle, include_token_ids=True, streams=streams)
-        return client.fetch_kv(handle, include_token_ids=True)
+        return client.fetch_kv(
+            handle, run["fetch_chunk_bytes"], include_token_ids=True, streams=run["streams"]
+        )
     if path in ("shared_memory", "cuda_ipc"):
         return client.map_kv(handle, path)
     return client.push_kv(
@@ -141,15 +144,16 @@ def _ttft_client(conn, target: str, decoder: dict, runs: list) -> None:
 
     model, _ = load_decoder(decoder["model"], decoder["dtype"], decoder["device"])
     rng = np.random.default_rng(0)
-    out = []
+    out: list[dict] = []
     with PrefillClient(target, max_message_bytes=256 << 20) as client:
+        client.wait_until_serving()  # the worker loads and warms up first
         vocab = client.model_info().vocab_size
         for run in runs:
             ids = rng.integers(0, vocab, run["tokens"]).tolist()
             started = time.perf_counter()
             outcome = client.prefill(token_ids=ids, kv="handle", chunk_size=run["chunk_size"])
             prefilled = time.perf_counter()
-            transfer = _take_kv(client, run["path"], outcome.handle.handle, run["streams"])
+            transfer = _take_kv(client, run, outcome.handle.handle)
             handed = time.perf_counter()
             token = greedy_continue(model, transfer, max_new_tokens=1)
             if decoder["device"].startswith("cuda"):
@@ -171,11 +175,13 @@ def _ttft_client(conn, target: str, decoder: dict, runs: list) -> None:
                     "first_token": token[0],
                 }
             )
-    conn.send(out)
+            conn.send(out[-1])  # each run as it ends: a run cut short keeps the ones before
+    conn.send(None)
 
 
-def measure_ttft(args, tokens: list[int], paths: list[str]) -> list[dict]:
-    """Prefill + handoff + one decode step through a one-worker service, per path and length."""
+def measure_ttft(args, tokens: list[int], paths: list[str], on_run=None) -> list[dict]:
+    """Prefill + handoff + one decode step through a one-worker service, per path and length;
+    `on_run(runs so far)` after each run."""
     from proxyprefill.service import config as config_mod
     from proxyprefill.service.local import LocalService
 
@@ -192,7 +198,14 @@ def measure_ttft(args, tokens: list[int], paths: list[str]) -> list[dict]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.model_dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     runs = [
-        {"path": path, "tokens": n, "repeat": r, "chunk_size": args.chunk_size, "streams": args.streams}
+        {
+            "path": path,
+            "tokens": n,
+            "repeat": r,
+            "chunk_size": args.chunk_size,
+            "streams": args.streams,
+            "fetch_chunk_bytes": args.fetch_chunk_bytes,
+        }
         for n in tokens
         for path in paths
         for r in range(args.repeats)
@@ -203,7 +216,15 @@ def measure_ttft(args, tokens: list[int], paths: list[str]) -> list[dict]:
         decoder = {"model": args.model, "dtype": dtype, "device": device}
         client = ctx.Process(target=_ttft_client, args=(child, service.target, decoder, runs))
         client.start()
-        results = parent.recv()
+        child.close()
+        results = []
+        try:
+            while (run := parent.recv()) is not None:
+                results.append(run)
+                if on_run is not None:
+                    on_run(results)
+        except EOFError:
+            print(f"the decode client died after {len(results)} of {len(runs)} runs", file=sys.stderr)
         client.join(timeout=120)
     return results
 
@@ -279,8 +300,14 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--streams",
         type=int,
-        default=1,
-        help="--ttft: parallel FetchKV streams of the grpc path (default: 1)",
+        default=FETCH_STREAMS,
+        help=f"--ttft: parallel FetchKV streams of the grpc path (default: {FETCH_STREAMS}, the client's)",
+    )
+    parser.add_argument(
+        "--fetch-chunk-bytes",
+        type=int,
+        default=0,
+        help="--ttft: FetchKV piece size of the grpc path (default: 0, the server's default)",
     )
     parser.add_argument(
         "--out", default=None, help="JSON path (default: bench/results/handoff[-ttft]-<device>-<tokens>.json)"
@@ -341,23 +368,27 @@ def _main_ttft(args, tokens: list[int], paths: list[str], results: dict, tag: st
         streams=args.streams,
         cpu_count=os.cpu_count(),
         load_average_at_start=list(os.getloadavg()),
-        runs=measure_ttft(args, tokens, paths),
-        load_average_at_end=list(os.getloadavg()),
     )
     name = f"handoff-ttft-{tag}-{'-'.join(str(n) for n in tokens)}"
     out = Path(args.out or Path(__file__).parent / "results" / f"{name}.json")
-    out.write_text(json.dumps(results, indent=2) + "\n")
+
+    def save(runs):
+        results.update(runs=runs, load_average_at_end=list(os.getloadavg()))
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+    save(measure_ttft(args, tokens, paths, on_run=save))
     print(plot_ttft(results["runs"], out.with_suffix(".png")))
     print(f"wrote {out}")
     print(
         f"{'path':<14} {'tokens':>7} {'MiB':>8} {'prefill s':>10} {'handoff s':>10} {'GB/s':>6} "
-        f"{'step s':>7} {'TTFT s':>7}"
+        f"{'step s':>7} {'TTFT s':>7} {'TTFT/prefill':>12}"
     )
     for run in results["runs"]:
         print(
             f"{run['path']:<14} {run['tokens']:7d} {run['bytes'] / 2**20:8.1f} "
             f"{run['prefill_seconds']:10.3f} {run['handoff_seconds']:10.3f} {run['handoff_gb_per_s']:6.2f} "
-            f"{run['decode_step_seconds']:7.3f} {run['ttft_seconds']:7.3f}"
+            f"{run['decode_step_seconds']:7.3f} {run['ttft_seconds']:7.3f} "
+            f"{run['ttft_seconds'] / run['prefill_seconds']:12.2f}"
         )
     return 0
 

@@ -104,6 +104,11 @@ class PrefillOutcome:
     events: int = 0
 
 
+# FetchKV calls in parallel by default: one gRPC stream carries 0.8-1.0 GB/s on an H200 host's
+# loopback, four carry 1.3-1.6 GB/s (BENCHMARKS.md, "FetchKV streams and piece sizes")
+FETCH_STREAMS = 4
+
+
 class PrefillClient:
     def __init__(
         self,
@@ -249,7 +254,7 @@ class PrefillClient:
         layer_end: int | None = None,
         include_token_ids: bool = False,
         timeout: float | None = None,
-        streams: int = 1,
+        streams: int = FETCH_STREAMS,
     ) -> KVTransfer:
         """The KV of `handle` over FetchKV; `streams` > 1 splits the layers into that many ranges
         fetched in parallel (each its own call; needs `layer_end` or asks GetModelInfo)."""
