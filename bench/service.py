@@ -46,7 +46,7 @@ with PrefillClient(target) as client:
     if job["kind"] == "fetch":
         for _ in range(job["repeats"]):
             started = time.perf_counter()
-            transfer = client.fetch_kv(job["handle"], max_chunk_bytes=job["chunk_bytes"])
+            transfer = client.fetch_kv(job["handle"], job["chunk_bytes"], streams=job.get("streams", 1))
             out.append([time.perf_counter() - started, transfer.bytes_received])
     elif job["kind"] == "prefill":
         for ids in job["prompts"]:
@@ -114,10 +114,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--fetch-tokens", type=int, default=2048, help="prompt whose KV is fetched (default: %(default)s)"
     )
     parser.add_argument(
+        "--fetch-streams",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="FetchKV streams in parallel, one measurement per count (default: [1])",
+    )
+    parser.add_argument(
         "--fetch-chunk-bytes",
         type=int,
         default=4 * 1024 * 1024,
         help="FetchKV piece size (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--fetch-more-chunk-bytes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="further piece sizes, each measured with every --fetch-streams count (default: none)",
     )
     parser.add_argument(
         "--out", default=None, help="result JSON (default: bench/results/service-<device>.json)"
@@ -159,6 +173,10 @@ def main(argv=None) -> int:
         "load_average_at_start": list(os.getloadavg()),
     }
     with LocalService(config) as service:
+        from proxyprefill.service.client import PrefillClient
+
+        with PrefillClient(service.target) as client:
+            client.wait_until_serving()  # the worker loads and warms up first
         served = service.pool.description
         results["model"] = served.model.model_id
         results["device"] = served.device
@@ -286,13 +304,19 @@ def measure_fetch(service, args, prompt) -> dict:
     with PrefillClient(service.target) as client:
         kept = client.prefill(token_ids=prompt(args.fetch_tokens), kv="handle", chunk_size=args.chunk_size)
         handle = kept.handle.handle
-        job = {
-            "kind": "fetch",
-            "handle": handle,
-            "repeats": args.repeats + 1,
-            "chunk_bytes": args.fetch_chunk_bytes,
-        }
-        rows = run_client(service.target, job)[1:]
+        by_piece = {}  # piece bytes -> streams -> GB/s of each repeat
+        for chunk_bytes in [args.fetch_chunk_bytes, *args.fetch_more_chunk_bytes]:
+            for streams in args.fetch_streams:
+                job = {
+                    "kind": "fetch",
+                    "handle": handle,
+                    "repeats": args.repeats + 1,
+                    "chunk_bytes": chunk_bytes,
+                    "streams": streams,
+                }
+                rates = [b / s / 1e9 for s, b in run_client(service.target, job)[1:]]
+                by_piece.setdefault(chunk_bytes, {})[streams] = rates
+        by_streams = by_piece[args.fetch_chunk_bytes]
         in_process = []
         for _ in range(args.repeats):
             started = time.perf_counter()
@@ -300,7 +324,7 @@ def measure_fetch(service, args, prompt) -> dict:
             in_process.append([time.perf_counter() - started, transfer.bytes_received])
         client.release(handle)
         baseline_rows = fetch_without_ray(transfer, args.fetch_chunk_bytes, args.repeats + 1)[1:]
-    separate = [b / s / 1e9 for s, b in rows]
+    separate = by_streams[args.fetch_streams[0]]
     same = [b / s / 1e9 for s, b in in_process]
     baseline = [b / s / 1e9 for s, b in baseline_rows]
     fetch = {
@@ -310,6 +334,8 @@ def measure_fetch(service, args, prompt) -> dict:
         "gb_per_s_median_client_process": statistics.median(separate),
         "gb_per_s_median_client_in_server_process": statistics.median(same),
         "gb_per_s_client_process": separate,
+        "streams": args.fetch_streams[0],
+        "gb_per_s_client_process_by_piece_and_streams": by_piece,
         "gb_per_s_median_grpc_only_baseline": statistics.median(baseline),
         "baseline": "the same pre-serialised chunks streamed by a bare grpc.aio server from its memory "
         "(no Ray, no leases) to the same client code in a separate process",
@@ -320,6 +346,12 @@ def measure_fetch(service, args, prompt) -> dict:
         f"(client process), {fetch['gb_per_s_median_client_in_server_process']:.2f} GB/s (client in the "
         "server process)"
     )
+    for chunk_bytes, by_streams in by_piece.items():
+        for streams, rates in by_streams.items():
+            print(
+                f"          {chunk_bytes >> 20} MiB pieces, {streams} streams (client process): "
+                f"{min(rates):.2f}-{max(rates):.2f} GB/s"
+            )
     print(f"          baseline, gRPC alone (no Ray): {fetch['gb_per_s_median_grpc_only_baseline']:.2f} GB/s")
     return fetch
 
