@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 
@@ -24,6 +25,30 @@ def save_tiny_llama(path, num_layers: int, max_position_embeddings: int = 4096, 
     model = transformers.LlamaForCausalLM(cfg).eval()
     model.save_pretrained(path)
     return model
+
+
+@contextlib.contextmanager
+def one_worker_service(path, ray_resources: dict, **config_fields):
+    """A loopback server over one Ray worker loading the model at `path`, with Ray started here
+    with `ray_resources` (num_cpus, num_gpus) and stopped after."""
+    import ray
+
+    from proxyprefill.service import config as config_mod
+    from proxyprefill.service.local import LocalService
+    from proxyprefill.workers.ray_pool import WorkerPool
+
+    config = config_mod.load(
+        environ={}, listen="127.0.0.1:0", model=str(path), num_workers=1, **config_fields
+    )
+    ray.init(include_dashboard=False, log_to_driver=False, **ray_resources)
+    pool = WorkerPool.start(config.engine_kwargs(), num_workers=1)
+    service = LocalService(config, pool=pool).start()
+    try:
+        yield service
+    finally:
+        service.stop()
+        pool.shutdown()
+        ray.shutdown()
 
 
 def wait_for(predicate, seconds: float = 20.0) -> bool:

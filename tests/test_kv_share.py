@@ -203,29 +203,12 @@ pytest.importorskip("grpc_health")
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    from _support import save_tiny_llama
-
-    from proxyprefill.service import config as config_mod
-    from proxyprefill.service.local import LocalService
-    from proxyprefill.workers.ray_pool import WorkerPool
+    from _support import one_worker_service, save_tiny_llama
 
     path = tmp_path_factory.mktemp("tiny-llama-share")
     save_tiny_llama(path, 2)
-    config = config_mod.load(
-        environ={},
-        listen="127.0.0.1:0",
-        model=str(path),
-        dtype="float32",
-        num_workers=1,
-        dense_below_tokens=0,
-    )
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    pool = WorkerPool.start(config.engine_kwargs(), num_workers=1)
-    service = LocalService(config, pool=pool).start()
-    yield service
-    service.stop()
-    pool.shutdown()
-    ray.shutdown()
+    with one_worker_service(path, {"num_cpus": 1}, dtype="float32", dense_below_tokens=0) as service:
+        yield service
 
 
 @pytest.fixture(scope="module")

@@ -85,33 +85,21 @@ with PrefillClient(sys.argv[1]) as client:
 
 @pytest.fixture(scope="module")
 def gpu_service(tmp_path_factory):
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     pytest.importorskip("grpc_health")
-    from _support import save_tiny_llama
-
-    from proxyprefill.service import config as config_mod
-    from proxyprefill.service.local import LocalService
-    from proxyprefill.workers.ray_pool import WorkerPool
+    from _support import one_worker_service, save_tiny_llama
 
     path = tmp_path_factory.mktemp("tiny-llama-gpu-share")
     save_tiny_llama(path, 2)
-    config = config_mod.load(
-        environ={},
-        listen="127.0.0.1:0",
-        model=str(path),
+    with one_worker_service(
+        path,
+        {"num_cpus": 2, "num_gpus": 1},
         dtype="float16",
         device="cuda",
-        num_workers=1,
         dense_below_tokens=0,
         warm_up="off",
-    )
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
-    pool = WorkerPool.start(config.engine_kwargs(), num_workers=1)
-    service = LocalService(config, pool=pool).start()
-    yield service
-    service.stop()
-    pool.shutdown()
-    ray.shutdown()
+    ) as service:
+        yield service
 
 
 @pytest.fixture(scope="module")
@@ -130,15 +118,12 @@ def _worker_gpu_bytes(service) -> int:
     return ray.get(service.pool.stats(0))["gpu_bytes"]
 
 
-def _settles_at(service, baseline: int, seconds: float = 20.0) -> bool:
+def _settles_at(service, baseline: int) -> bool:
     """Whether the worker's GPU memory comes back to `baseline` (the server's watch reaps dead
     consumers every few seconds)."""
-    import time
+    from _support import wait_for
 
-    deadline = time.monotonic() + seconds
-    while _worker_gpu_bytes(service) != baseline and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return _worker_gpu_bytes(service) == baseline
+    return wait_for(lambda: _worker_gpu_bytes(service) == baseline)
 
 
 def _gpu_handle(client, tokens, lease_seconds=0):
