@@ -127,6 +127,10 @@ class KVHandleRPCs:
             consumer = None
             if request.HasField("consumer"):
                 process = request.consumer
+                if process.pid == 0 or process.start_ticks == 0:
+                    raise RequestError(
+                        grpc.StatusCode.INVALID_ARGUMENT, "consumer: pid and start_ticks must be set"
+                    )
                 consumer = ProcessRef(process.pid, process.start_ticks, process.pid_namespace)
             share = await self._on_worker(lease, self.pool.share, transport, consumer, expected=KVShareError)
         except KVShareError as error:

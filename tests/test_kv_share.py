@@ -293,6 +293,9 @@ def test_map_kv_refusals(client):
     with pytest.raises(grpc.RpcError) as err:
         client.stub.MapKV(pb.MapKVRequest(handle=handle, transport=7))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "transport" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.MapKV(pb.MapKVRequest(handle=handle, consumer=pb.ConsumerProcess(pid=0, start_ticks=5)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "consumer" in err.value.details()
     with pytest.raises(ValueError, match="transport"):
         client.map_kv(handle, transport="pigeon")
     client.release(handle)

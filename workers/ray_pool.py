@@ -122,6 +122,7 @@ class PrefillWorker(StreamingPrefills):
         import torch
 
         from proxyprefill.workers.engine import PrefillEngine
+        from proxyprefill.workers.kv_share import CudaExports
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -131,8 +132,6 @@ class PrefillWorker(StreamingPrefills):
         self.name = name
         self.engine = PrefillEngine.from_pretrained(**kwargs)
         self._init_requests()
-        from proxyprefill.workers.kv_share import CudaExports
-
         self._kv: dict[str, StoredKV] = {}
         self._cuda_exports = CudaExports()  # what decoders mapped over CUDA IPC, until they let go
         self._fetching = 0  # fetches in flight, all handles
