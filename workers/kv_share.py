@@ -23,7 +23,7 @@ still holds stays readable until it unmaps, and the worker never waits on a clie
   and the block is freed.
 
 Worker and server exchange `KVShare` (typed); the server turns it into the `KVMapping` message
-and the client turns that back into tensors with `open_mapping`.
+and the client turns that back into tensors with `open_share`.
 """
 
 from __future__ import annotations
