@@ -103,7 +103,9 @@ def test_audit_log_names_the_principal_of_every_handle_event(secured):
         logging.getLogger("proxyprefill.audit").removeHandler(audit)
     mine = [line for line in audit.lines if line.startswith(f"handle={handle[:12]} ")]
     actions = [line.split()[1] for line in mine]
-    assert actions == ["action=created", "action=fetched", "action=renewed", "action=released"], mine
+    fetched = ["action=fetched"] * 2  # the client's parallel streams: one call per layer range
+    assert actions == ["action=created", *fetched, "action=renewed", "action=released"], mine
+    assert sorted(line.split()[3] for line in mine[1:3]) == ["layers=0-1", "layers=1-2"], mine
     assert all("principal=alice" in line for line in mine)
     assert "request_id=audited-1" in mine[0]
     assert handle not in " ".join(audit.lines), "the full handle never reaches the log"
