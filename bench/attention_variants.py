@@ -40,7 +40,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernels import (  # noqa: E402  (bench/kernels.py, the kernel benchmark)
+from kernel_speed import (  # noqa: E402  (bench/kernel_speed.py, the kernel benchmark)
     BS,
     HKV,
     HQ,
@@ -54,6 +54,7 @@ from kernels import (  # noqa: E402  (bench/kernels.py, the kernel benchmark)
     sdpa,
     time_ms,
 )
+
 from proxyprefill.kernels import (  # noqa: E402
     BlockSparseIndex,
     triton_attention,

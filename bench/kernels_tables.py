@@ -1,13 +1,13 @@
-"""BENCHMARKS.md tables from a bench/kernels.py result JSON:
+"""BENCHMARKS.md tables from a bench/kernel_speed.py result JSON:
 
-python bench/kernels.py --markdown bench/results/kernels-h200.json
+python bench/kernel_speed.py --markdown bench/results/kernels-h200.json
 """
 
 from __future__ import annotations
 
 
 def markdown_tables(result: dict) -> str:
-    """BENCHMARKS.md tables from a result JSON (python bench/kernels.py --markdown FILE)."""
+    """BENCHMARKS.md tables from a result JSON (python bench/kernel_speed.py --markdown FILE)."""
     rows = result["rows"]
     lines = [
         f"Device: {result['device']}; torch {result['torch']}, triton {result['triton']}, "

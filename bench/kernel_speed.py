@@ -1,7 +1,7 @@
 """ProxyAttn kernels against dense and block-sparse peers, on one CUDA device.
 
-    python bench/kernels.py                      # the full table (H100: about 5 minutes)
-    python bench/kernels.py --lengths 32768 131072 --densities 1.0 0.05 --no-flex   # a quick look
+    python bench/kernel_speed.py                      # the full table (H100: about 5 minutes)
+    python bench/kernel_speed.py --lengths 32768 131072 --densities 1.0 0.05 --no-flex   # a quick look
 
 Problem: bf16, causal prefill (q_offset 0), batch 1, 32 query / 8 KV heads, head dim 128,
 block 128. For every length it measures, in the same process:
