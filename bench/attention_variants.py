@@ -3,7 +3,7 @@
     python bench/attention_variants.py                      # the variant table (H100: ~1 minute)
     python bench/attention_variants.py --profile ours       # one launch for ncu (see bench/NOTES-kernels.md)
 
-The production kernel (`kernels/triton_attention._sparse_attention_fwd`) walks a row's keep-first
+The production kernel (`proxyprefill/kernels/triton_attention._sparse_attention_fwd`) walks a row's keep-first
 list with bounds-checked pointer loads and a causal mask under a branch taken on the diagonal
 block. This file holds one experimental kernel whose loop can be switched, piece by piece, to:
 
@@ -344,7 +344,7 @@ def _flags(tma=False, acc_in_dot=True, diag_first=False, warp_specialize=False, 
 
 # name -> (flags, (BLOCK_M, BLOCK_N, num_warps, num_stages)); flags None = the production kernel
 VARIANTS = {
-    "production": (None, None),  # kernels/triton_attention.py with its default choices
+    "production": (None, None),  # proxyprefill/kernels/triton_attention.py with its default choices
     "base": (_flags(acc_in_dot=False), (128, 64, 8, 3)),
     "acc_in_dot": (_flags(), (128, 64, 8, 3)),
     "diag_first": (_flags(diag_first=True), (128, 64, 8, 3)),

@@ -30,7 +30,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 models=${MODELS_DIR:-$HOME/models}
 qwen=${QWEN:-$models/qwen05} smollm2=${SMOLLM2:-$models/smollm2}
 # `python -m`/`-c` put the working directory first on sys.path; in the project's root its
-# proxyprefill/ (without kernels/ and workers/, which the installed package maps in) would shadow
+# proxyprefill/ (without workers/ and service/, which the installed package maps in) would shadow
 # the installed package, so every step runs from OUT_DIR.
 cd "$out"
 deadline=$((SECONDS + ${BUDGET_S:-520}))

@@ -28,7 +28,13 @@ package_of() {  # tree -> a folder holding a `proxyprefill` package made of the 
   site="$scratch/site-$(echo "$tree" | md5sum | cut -c1-8)"
   mkdir -p "$site/proxyprefill"
   cp "$tree"/proxyprefill/*.py "$site/proxyprefill/"
-  for sub in kernels workers service protos; do ln -sfn "$tree/$sub" "$site/proxyprefill/$sub"; done
+  for sub in workers service protos; do ln -sfn "$tree/$sub" "$site/proxyprefill/$sub"; done
+  # the kernels live in proxyprefill/kernels/ (at the root, kernels/, in older trees)
+  if [ -d "$tree/proxyprefill/kernels" ]; then
+    ln -sfn "$tree/proxyprefill/kernels" "$site/proxyprefill/kernels"
+  else
+    ln -sfn "$tree/kernels" "$site/proxyprefill/kernels"
+  fi
   echo "$site"
 }
 

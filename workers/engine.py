@@ -9,7 +9,7 @@ preallocated KV cache, and logits only where they are asked for.
 A prompt of N tokens is run in chunks [c0, c0 + C): each chunk goes through the model runner
 (workers/runner.py: embedding, every decoder layer, final norm) at positions c0..c0 + C - 1;
 every layer writes its K/V into the preallocated cache and attends with the chunk's queries over
-the whole prefix (kernels/ with q_offset = c0).
+the whole prefix (proxyprefill/kernels/ with q_offset = c0).
 The LM head is applied to the requested positions only: [N, vocab] logits at 128k tokens and a
 128k vocabulary would be 64 GB. The per-token log-likelihood (`token_nll=True`) is scored chunk by
 chunk in row slices of the LM head, so it never holds more than a slice of logits either.

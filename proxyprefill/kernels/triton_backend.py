@@ -1,6 +1,6 @@
 """ProxyAttn on the GPU: Triton kernels with exactly the reference's semantics and return types.
 
-The four steps of kernels/reference.py, each in its own module:
+The four steps of proxyprefill/kernels/reference.py, each in its own module:
 
     triton_scores.estimate_block_scores(q, k, config, q_offset, scale)   float32 [B, g, Mq, Nk_blocks]
     triton_budgets.head_budgets(q, k, config, q_offset, scale)           int64 [B, Hq, Mq]
@@ -9,7 +9,7 @@ The four steps of kernels/reference.py, each in its own module:
                                                    (out like q, lse float32 [B, Hq, Nq])
 
 with what they share (numerics, reductions, launch records) in triton_common; `TritonBackend`
-puts them behind the attention-backend interface (kernels/backend.py, registered as "triton").
+puts them behind the attention-backend interface (proxyprefill/kernels/backend.py, registered as "triton").
 Importing this module needs Triton; without it the registry reports the backend unavailable.
 """
 

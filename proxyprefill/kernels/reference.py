@@ -291,7 +291,7 @@ def block_sparse_attention(
 
 
 # --------------------------------------------------------------------------------------------
-# The reference as an attention backend (kernels/registry.py: "torch")
+# The reference as an attention backend (proxyprefill/kernels/registry.py: "torch")
 # --------------------------------------------------------------------------------------------
 class ReferenceBackend(AttentionBackend):
     """The steps above, on any device, dtype and head dim (they compute in float32)."""

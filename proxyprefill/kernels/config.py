@@ -45,7 +45,7 @@ class ProxyAttnConfig:
         measured on an H100 (bench/results/kernels-h100.json, block 128, d=128, 32/8 heads): at
         8k keys the whole sparse path at ~66% sparsity ties cuDNN (1.62 vs 1.59 ms), from 12k it
         wins (1.72 vs 2.02 ms). On the CPU, or with smaller blocks, set it explicitly.
-    estimator: the block-score estimator, a name in kernels/registry.ESTIMATORS: "proxy"
+    estimator: the block-score estimator, a name in proxyprefill/kernels/registry.ESTIMATORS: "proxy"
         (ProxyAttn's strided proxy-head scores) or "meanpool" (the coarse baseline: per-group
         scores of mean-pooled query and key blocks, as sequence-compressing methods do), kept
         for comparison in the accuracy harness.

@@ -5,7 +5,7 @@ per block instead of from token-level scores. This module implements that idea w
 grouping and output contract as the proxy estimator (`reference.estimate_block_scores`), so the
 accuracy harness can swap the two (`ProxyAttnConfig(estimator="meanpool")`) and show what the
 token-level proxy scores buy at the same budgets. It is plain PyTorch on any device, so it runs
-under every backend (kernels/backend.py), which then does the budgets, the index and attention.
+under every backend (proxyprefill/kernels/backend.py), which then does the budgets, the index and attention.
 
 For proxy group j (its query heads and KV heads averaged, as in `reference.proxy_heads`):
 

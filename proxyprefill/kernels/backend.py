@@ -1,7 +1,7 @@
 """The attention-backend interface: what an implementation of ProxyAttn provides.
 
 A backend is a class with a name, a capability check (device, dtype, head dim) and the four
-ProxyAttn steps of kernels/reference.py, plus the dense attention used below
+ProxyAttn steps of proxyprefill/kernels/reference.py, plus the dense attention used below
 `dense_below_tokens`:
 
     estimate_block_scores(q, k, config, q_offset, scale)      -> float32 [B, g, Mq, Nk_blocks]
@@ -10,10 +10,10 @@ ProxyAttn steps of kernels/reference.py, plus the dense attention used below
     block_sparse_attention(q, k, v, index, q_offset, scale)    -> (out like q, lse float32 [B, Hq, Nq])
     dense_attention(q, k, v, q_offset, scale)                  -> out like q
 
-The steps trust their inputs: `kernels/chunk.attention_chunk` validates a chunk once and then
+The steps trust their inputs: `proxyprefill/kernels/chunk.attention_chunk` validates a chunk once and then
 calls them. A block-score estimator replaces step 2 alone (`ProxyAttnConfig.estimator`), on top
 of whichever backend runs the rest. A new backend or estimator is one file with a subclass and
-one line in kernels/registry.py.
+one line in proxyprefill/kernels/registry.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """ProxyAttn for one prefill chunk: the one place where the steps are composed.
 
-`attention_chunk` checks the chunk once, picks the backend (kernels/registry.py), and either runs
+`attention_chunk` checks the chunk once, picks the backend (proxyprefill/kernels/registry.py), and either runs
 dense attention (contexts of at most `dense_below_tokens` keys, where estimation costs more than
 it saves) or the four steps: block scores (by the configured estimator), head budgets, the
 nested index, block-sparse attention. Both `kernels.api.proxy_attention` and the model's

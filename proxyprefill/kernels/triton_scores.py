@@ -193,7 +193,7 @@ def estimate_block_scores(
     (see reference.estimate_block_scores for the definition). `tiles` overrides
     (query blocks per program, key blocks per tile, num_warps, num_stages) for tuning runs.
     These are the proxy estimator's scores; `config.estimator` is read by the caller
-    (kernels/registry.py), not here."""
+    (proxyprefill/kernels/registry.py), not here."""
     bs, s, g = config.block_size, config.stride, config.proxy_groups
     b, _, nq, d = q.shape
     nk = k.shape[2]

@@ -1,9 +1,9 @@
 """Public entry points: each step on its own, checked, and the whole ProxyAttn forward of a chunk.
 
-backend="torch"  the reference (kernels/reference.py), any device.
-backend="triton" the Triton kernels (kernels/triton_*.py): CUDA tensors, or CPU tensors under
+backend="torch"  the reference (proxyprefill/kernels/reference.py), any device.
+backend="triton" the Triton kernels (proxyprefill/kernels/triton_*.py): CUDA tensors, or CPU tensors under
                  TRITON_INTERPRET=1 (float32/float16 only).
-backend="auto"   the first backend of kernels/registry.py that supports the tensors natively:
+backend="auto"   the first backend of proxyprefill/kernels/registry.py that supports the tensors natively:
                  Triton on CUDA tensors, the reference otherwise.
 An AttentionBackend object may be passed instead of a name.
 """
@@ -106,7 +106,7 @@ def proxy_attention(
     return_stats: bool = False,
     scale: float | None = None,
 ):
-    """ProxyAttn causal attention for one prefill chunk (kernels/chunk.attention_chunk).
+    """ProxyAttn causal attention for one prefill chunk (proxyprefill/kernels/chunk.attention_chunk).
 
     q [B, Hq, Nq, d]; k, v [B, Hkv, Nk, d] with Nk = q_offset + Nq. Returns out [B, Hq, Nq, d]
     (q's dtype), or (out, ProxyAttnStats) when return_stats. `scale` defaults to 1/sqrt(d) and
