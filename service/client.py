@@ -318,16 +318,20 @@ class PrefillClient:
         on another host, grpc.RpcError for what the server refuses."""
         import torch
 
-        from proxyprefill.workers.kv_share import TRANSPORT_ENUM, ProcessRef, open_share, share_from_message
+        from proxyprefill.workers.kv_share import (
+            TRANSPORT_ENUM,
+            ProcessRef,
+            consumer_to_message,
+            open_share,
+            share_from_message,
+        )
 
         if transport not in TRANSPORT_ENUM:
             raise ValueError(f"transport: expected one of {sorted(TRANSPORT_ENUM)}, got {transport!r}")
         request = pb.MapKVRequest(handle=handle, transport=TRANSPORT_ENUM[transport])
         me = ProcessRef.this_process()
         if me is not None:  # lets the worker free CUDA IPC memory should this process die holding it
-            request.consumer.CopyFrom(
-                pb.ConsumerProcess(pid=me.pid, start_ticks=me.start_ticks, pid_namespace=me.pid_namespace)
-            )
+            request.consumer.CopyFrom(consumer_to_message(me))
         mapping = self.stub.MapKV(request, timeout=timeout, metadata=self._metadata)
         share = share_from_message(mapping)
         keys, values = open_share(share, device)

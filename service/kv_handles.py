@@ -15,7 +15,12 @@ import grpc
 
 from proxyprefill.protos import prefill_pb2 as pb
 from proxyprefill.workers.kv_push import KVPushError, PushTarget
-from proxyprefill.workers.kv_share import KVShareError, ProcessRef, share_to_message, transport_name
+from proxyprefill.workers.kv_share import (
+    KVShareError,
+    consumer_from_message,
+    share_to_message,
+    transport_name,
+)
 from proxyprefill.workers.kv_wire import encode_chunk, header_message
 from proxyprefill.workers.protocol import KVMissing, KVUnavailable
 
@@ -23,6 +28,15 @@ from . import audit
 from .errors import ServiceError, WorkerGone, worker_error
 from .leases import Lease
 from .validation import RequestError
+
+
+def _refuse_sharded(lease: Lease) -> None:
+    """MapKV and PushKV serve the KV of one worker; a sharded prefill's is on several stages."""
+    if lease.worker == "pipeline":
+        raise RequestError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "handle: a sharded prefill's KV lives on several stages; use FetchKV",
+        )
 
 
 class KVHandleRPCs:
@@ -117,21 +131,10 @@ class KVHandleRPCs:
             lease = self.leases.get(request.handle, principal.name)
             try:
                 transport = transport_name(request.transport)
+                consumer = consumer_from_message(request.consumer) if request.HasField("consumer") else None
             except KVShareError as error:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
-            if lease.worker == "pipeline":
-                raise RequestError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    "handle: a sharded prefill's KV lives on several stages; use FetchKV",
-                )
-            consumer = None
-            if request.HasField("consumer"):
-                process = request.consumer
-                if process.pid == 0 or process.start_ticks == 0:
-                    raise RequestError(
-                        grpc.StatusCode.INVALID_ARGUMENT, "consumer: pid and start_ticks must be set"
-                    )
-                consumer = ProcessRef(process.pid, process.start_ticks, process.pid_namespace)
+            _refuse_sharded(lease)
             share = await self._on_worker(lease, self.pool.share, transport, consumer, expected=KVShareError)
         except KVShareError as error:
             await self._abort(context, "MapKV", grpc.StatusCode.FAILED_PRECONDITION, str(error))
@@ -154,11 +157,7 @@ class KVHandleRPCs:
                 )
             except KVPushError as error:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
-            if lease.worker == "pipeline":
-                raise RequestError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    "handle: a sharded prefill's KV lives on several stages; use FetchKV",
-                )
+            _refuse_sharded(lease)
             started = time.perf_counter()
             sent = await self._on_worker(lease, self.pool.push, target, expected=KVPushError)
         except KVPushError as error:

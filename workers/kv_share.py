@@ -445,3 +445,20 @@ def share_from_message(message) -> KVShare:
         shm_bytes=message.shm_bytes,
         token_ids=message.token_ids,
     )
+
+
+def consumer_to_message(process: ProcessRef):
+    """A ProcessRef as the ConsumerProcess message MapKVRequest carries."""
+    from proxyprefill.protos import prefill_pb2 as pb
+
+    return pb.ConsumerProcess(
+        pid=process.pid, start_ticks=process.start_ticks, pid_namespace=process.pid_namespace
+    )
+
+
+def consumer_from_message(message) -> ProcessRef:
+    """A ConsumerProcess message as a ProcessRef; KVShareError naming the field when it is not
+    filled in."""
+    if message.pid == 0 or message.start_ticks == 0:
+        raise KVShareError("consumer: pid and start_ticks must be set")
+    return ProcessRef(message.pid, message.start_ticks, message.pid_namespace)
