@@ -271,9 +271,6 @@ class CudaExports:
         self._lock = threading.Lock()
         self._exports: list[CudaExport] = []
 
-    def __len__(self) -> int:
-        return len(self._exports)
-
     def add(self, shared: SharedKV, consumer: ProcessRef | None) -> None:
         infos = shared.share.keys + shared.share.values
         counters = [(i.cuda.ref_counter_handle, i.cuda.ref_counter_offset) for i in infos if i.cuda]
