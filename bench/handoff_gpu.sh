@@ -6,6 +6,8 @@
 #   bash bench/handoff_gpu.sh ttft      prefill + handoff + one decode step, Llama-3.1-8B shape, at
 #                                       32k and 128k, by CUDA IPC and by FetchKV
 #   bash bench/handoff_gpu.sh grpc128   FetchKV alone at 128k over 4 streams of 16 MiB pieces
+#   bash bench/handoff_gpu.sh fixed     where the fixed cost goes (bench/fixed_cost.py), 1B shape,
+#                                       512 and 32k tokens
 # Several phases may be named at once; each runs under `timeout` and the next one runs whatever it
 # ended with. Results go to $OUT (default /tmp/handoff-out) as JSON with a log; random-weight models
 # are written once per machine under /tmp.
@@ -52,6 +54,9 @@ for phase in "$@"; do
       step grpc128 300 "$python" "$here/bench/handoff.py" --ttft --model "$(model llama-3.1-8b)" \
         --tokens 131072 --paths grpc --repeats 2 --streams 4 --fetch-chunk-bytes 16777216 \
         --out "$out/handoff-ttft-h200-131072-grpc-4x16MiB.json" ;;
+    fixed)
+      step fixed 300 "$python" "$here/bench/fixed_cost.py" --model "$(model llama-3.2-1b)" --device cuda \
+        --attention proxy --lengths 512 32768 --repeats 10 --out "$out/fixed-cost-h200.json" ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
 done

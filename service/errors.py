@@ -29,8 +29,11 @@ class WorkerGone(Exception):
 
 def worker_error(error: Exception) -> ServiceError:
     """A worker that died answers UNAVAILABLE (retryable); anything else INTERNAL."""
+    from proxyprefill.workers.channel import WorkerChannelLost
+
     name = type(error).__name__
-    if "ActorDied" in name or "ActorUnavailable" in name or "RayActorError" in name:
+    ray_lost = "ActorDied" in name or "ActorUnavailable" in name or "RayActorError" in name
+    if ray_lost or isinstance(error, WorkerChannelLost):
         log.warning("worker lost: %s", error)
         return ServiceError(grpc.StatusCode.UNAVAILABLE, "the worker was lost; retry the request")
     log.error("worker call failed: %s: %s", name, error)

@@ -409,8 +409,7 @@ class PrefillServer(KVHandleRPCs, Upkeep, pb_grpc.PrefillServiceServicer):
                 self._update_gauges()
                 outcome = None
                 try:
-                    async for ref in self.pool.prefill(worker, key, plan.token_ids, options):
-                        message = await ref
+                    async for message in self.pool.prefill(worker, key, plan.token_ids, options):
                         if isinstance(message, Progress):
                             yield pb.PrefillEvent(
                                 progress=pb.Progress(tokens_done=message.done, total_tokens=message.total)

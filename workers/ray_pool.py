@@ -2,8 +2,8 @@
 it produced.
 
 The actor is *threaded* (`max_concurrency`): a prefill runs in one thread while others answer
-`cancel`, `fetch` and `release`. Two methods are Ray streaming generators
-(`num_returns="streaming"`):
+`cancel`, `fetch` and `release`. Two methods stream (`prefill` over the worker's direct channel,
+`fetch` as a Ray streaming generator, `num_returns="streaming"`):
 
 - `prefill(key, token_ids, options)` takes a `protocol.PrefillOptions` and yields a
   `protocol.Progress` after every chunk, then one final message (`PrefillDone`,
@@ -14,6 +14,9 @@ The actor is *threaded* (`max_concurrency`): a prefill runs in one thread while 
   `abandon(key, handle)` is what the server calls when the client went away: it stops the
   prefill, *waits until it has really ended*, and frees whatever KV it kept, so that the
   server holds the request's slot until the worker is idle and no KV outlives its request.
+  The server calls `prefill` over a TCP channel the worker opens on first use
+  (`channel_endpoint`, workers/channel.py), not through Ray: a Ray streaming call costs more
+  than the rest of a small request together.
 - `fetch(handle, ...)` yields the KV of a handle in pieces of at most `max_chunk_bytes` (keys +
   values of one layer and one token range, workers/kv_wire.py), never pickled tensors.
   A fetch that the server cancels (`ray.cancel` of the stream) ends at its next piece. The
@@ -134,6 +137,7 @@ class PrefillWorker(StreamingPrefills):
         self._init_requests()
         self._kv: dict[str, StoredKV] = {}
         self._cuda_exports = CudaExports()  # what decoders mapped over CUDA IPC, until they let go
+        self._channel = None  # channel.PrefillChannel, once the server asked for it
         self._fetching = 0  # fetches in flight, all handles
         self._reader_left = threading.Condition(self._lock)
         self.warm_up_report = None  # engine.WarmUpReport once warmed up
@@ -170,6 +174,16 @@ class PrefillWorker(StreamingPrefills):
 
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def channel_endpoint(self):
+        """Where the server calls `prefill` directly (a channel.ChannelEndpoint; the channel
+        starts on the first ask)."""
+        from proxyprefill.workers.channel import PrefillChannel
+
+        with self._lock:
+            if self._channel is None:
+                self._channel = PrefillChannel(self.prefill, self.incarnation)
+            return self._channel.endpoint
 
     def stats(self) -> dict:
         with self._lock:
@@ -387,6 +401,7 @@ class WorkerPool:
         self.names = [d.worker for d in descriptions]
         self._owns_ray = owns_ray
         self._make_actor = make_actor  # name -> a new replica actor (replace())
+        self._endpoints: dict = {}  # replica index -> its channel.ChannelEndpoint, once asked
         self._replace_lock = threading.Lock()
         # the sharded route (workers/pipeline_worker.py), addressed as one more worker after the
         # replicas: index `pipeline_index`, name "pipeline"
@@ -494,8 +509,34 @@ class WorkerPool:
 
         return ray.get(self.actors[0].tokenizer.remote())
 
-    def prefill(self, worker: int, key: str, token_ids: np.ndarray, options: PrefillOptions):
-        return self._actor(worker).prefill.options(num_returns="streaming").remote(key, token_ids, options)
+    async def prefill(self, worker: int, key: str, token_ids: np.ndarray, options: PrefillOptions):
+        """Async generator of the worker's prefill messages (protocol.Progress, then one final
+        message): over a replica's direct channel, or the pipeline's Ray stream."""
+        from .channel import ChannelUnreachable, call_prefill
+
+        if worker == self.pipeline_index:
+            stream = self.pipeline.prefill.options(num_returns="streaming").remote(key, token_ids, options)
+            async for ref in stream:
+                yield await ref
+            return
+        for attempt in range(2):
+            # a restarted replica listens elsewhere: ask it again once (nothing was sent yet)
+            endpoint = await self._channel_endpoint(worker, fresh=attempt > 0)
+            try:
+                async with contextlib.aclosing(call_prefill(endpoint, key, token_ids, options)) as messages:
+                    async for message in messages:
+                        yield message
+                return
+            except ChannelUnreachable:
+                if attempt:
+                    raise
+
+    async def _channel_endpoint(self, worker: int, fresh: bool):
+        endpoint = None if fresh else self._endpoints.get(worker)
+        if endpoint is None:
+            endpoint = await self.actors[worker].channel_endpoint.remote()
+            self._endpoints[worker] = endpoint
+        return endpoint
 
     def cancel(self, worker: int, key: str):
         return self._actor(worker).cancel.remote(key)
@@ -526,6 +567,9 @@ class WorkerPool:
             return WorkerState(alive=False, gone=True)  # new calls to a restarting actor wait instead
         except (TimeoutError, ray.exceptions.RayError):
             return WorkerState(alive=False)
+        endpoint = self._endpoints.get(worker)
+        if endpoint is not None and endpoint.incarnation != incarnation:  # restarted: asked anew
+            self._endpoints.pop(worker, None)
         return WorkerState(alive=True, incarnation=incarnation, ready=ready)
 
     def replace(self, worker: int) -> None:
@@ -547,6 +591,7 @@ class WorkerPool:
             actor = self._make_actor(self.names[worker])
             ray.get(actor.ping.remote())
             self.actors[worker] = actor
+            self._endpoints.pop(worker, None)
         log.warning("replaced %s, which was gone for good", self.names[worker])
 
     def fetch(

@@ -104,8 +104,11 @@ class InProcessPool:
         return self.workers[0].tokenizer()
 
     # what the server calls ----------------------------------------------------------------------
-    def prefill(self, worker: int, key: str, token_ids, options) -> Stream:
-        return Stream(self._call(worker, "prefill", key, token_ids, options))
+    async def prefill(self, worker: int, key: str, token_ids, options):
+        """The worker's messages, as WorkerPool.prefill yields them (driven eagerly, as the
+        worker's channel sends them whether or not the server reads)."""
+        async for item in Stream(self._call(worker, "prefill", key, token_ids, options)):
+            yield await item
 
     def cancel(self, worker: int, key: str) -> None:
         self._call(worker, "cancel", key)
