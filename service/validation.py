@@ -193,7 +193,7 @@ def _token_ids(request, limits: Limits, prompts: PromptEncoder | None) -> tuple[
             raise out_of_range(
                 f"tokens.ids has {count} tokens; the server allows at most {limits.max_prompt_tokens}"
             )
-        ids = np.fromiter(request.tokens.ids, dtype=np.int64, count=count)
+        ids = np.array(request.tokens.ids, dtype=np.int64)  # one C-level copy; fromiter takes ~3 ms at 32k
         bad = np.flatnonzero((ids < 0) | (ids >= limits.vocab_size))
         if bad.size:
             i = int(bad[0])

@@ -1,6 +1,6 @@
 """The worker's direct prefill channel (workers/channel.py) against a stand-in worker generator:
-messages arrive in order and typed, the key is checked, a server that hangs up stops the work,
-a worker that fails or vanishes is reported as such."""
+messages arrive in order and typed, the key is checked, a connection serves call after call,
+a server that hangs up stops the work, a worker that fails or vanishes is reported as such."""
 
 import asyncio
 import socket
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from proxyprefill.workers.channel import (
+    ChannelClient,
     ChannelEndpoint,
     ChannelUnreachable,
     PrefillChannel,
     WorkerChannelLost,
-    call_prefill,
 )
 from proxyprefill.workers.protocol import PrefillFailed, PrefillOptions, PrefillStopped, Progress
 
@@ -48,16 +48,17 @@ class StandIn:
             raise
 
 
-def _collect(endpoint, token_ids, limit=None):
-    async def run():
-        messages = []
-        async for message in call_prefill(endpoint, "key-1", token_ids, OPTIONS):
-            messages.append(message)
-            if limit is not None and len(messages) == limit:
-                break  # the server stops reading: the connection closes
-        return messages
+async def _call(client, token_ids, limit=None, key="key-1"):
+    messages = []
+    async for message in client.prefill(key, token_ids, OPTIONS):
+        messages.append(message)
+        if limit is not None and len(messages) == limit:
+            break  # the server stops reading: the connection closes
+    return messages
 
-    return asyncio.run(run())
+
+def _collect(endpoint, token_ids, limit=None):
+    return asyncio.run(_call(ChannelClient(endpoint), token_ids, limit))
 
 
 @pytest.fixture
@@ -80,18 +81,50 @@ def test_a_call_relays_every_message_in_order(worker):
     assert stand_in.finished.is_set()
 
 
-def test_concurrent_calls_each_get_their_own_connection(worker):
+def test_calls_in_turn_reuse_one_connection_and_concurrent_ones_get_their_own(worker):
     _, channel = worker
+    client = ChannelClient(channel.endpoint)
 
-    async def both():
-        async def one(n):
-            return [m async for m in call_prefill(channel.endpoint, f"k{n}", np.arange(n), OPTIONS)]
+    async def run():
+        first = await _call(client, np.arange(100))
+        second = await _call(client, np.arange(130))
+        short, long = await asyncio.gather(_call(client, np.arange(64)), _call(client, np.arange(300)))
+        return first, second, short, long
 
-        return await asyncio.gather(one(64), one(300))
-
-    short, long = asyncio.run(both())
+    first, second, short, long = asyncio.run(run())
+    assert first[-2:] == [Progress(100, 100), PrefillStopped()]
+    assert second[-2:] == [Progress(130, 130), PrefillStopped()]
     assert short[-2:] == [Progress(64, 64), PrefillStopped()]
     assert long[-2:] == [Progress(300, 300), PrefillStopped()]
+    assert channel.accepted == 2  # the calls in turn share one; the concurrent pair needs a second
+
+
+def test_a_call_cut_short_does_not_leave_its_connection_for_the_next(worker):
+    stand_in, channel = worker
+    client = ChannelClient(channel.endpoint)
+
+    async def run():
+        cut = await _call(client, np.arange(64 * 50), limit=1)
+        return cut, await _call(client, np.arange(10))
+
+    cut, whole = asyncio.run(run())
+    assert cut == [Progress(64, 64 * 50)]
+    assert whole == [Progress(10, 10), PrefillStopped()]  # not the rest of the first call
+    assert channel.accepted == 2
+
+
+def test_a_worker_gone_while_its_connection_was_idle_is_not_reached_through_it():
+    channel = PrefillChannel(StandIn(), incarnation="one", host="127.0.0.1")
+    client = ChannelClient(channel.endpoint)
+
+    async def run():
+        await _call(client, np.arange(10))
+        channel.close()  # the worker exits: its idle connection is hung up too
+        await asyncio.sleep(0.2)
+        await _call(client, np.arange(10))
+
+    with pytest.raises(ChannelUnreachable):  # so the pool may ask where it listens now
+        asyncio.run(run())
 
 
 def test_a_wrong_key_is_refused_before_anything_runs(worker):

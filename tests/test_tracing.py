@@ -84,16 +84,13 @@ class QuickPool(NullPool):
         return self.kept.pop(handle, 0)
 
 
-async def _items(*items):
-    for item in items:
-        ready = asyncio.get_running_loop().create_future()
-        ready.set_result(item)
-        yield ready
+async def _items(*messages):  # as WorkerPool.prefill yields them
+    for message in messages:
+        yield message
 
 
 async def _progress_then_wait(n):
-    async for item in _items(Progress(1, n)):
-        yield item
+    yield Progress(1, n)
     await asyncio.get_running_loop().create_future()  # never done: the worker is still busy
 
 

@@ -401,7 +401,7 @@ class WorkerPool:
         self.names = [d.worker for d in descriptions]
         self._owns_ray = owns_ray
         self._make_actor = make_actor  # name -> a new replica actor (replace())
-        self._endpoints: dict = {}  # replica index -> its channel.ChannelEndpoint, once asked
+        self._channels: dict = {}  # replica index -> its channel.ChannelClient, once asked
         self._replace_lock = threading.Lock()
         # the sharded route (workers/pipeline_worker.py), addressed as one more worker after the
         # replicas: index `pipeline_index`, name "pipeline"
@@ -512,7 +512,7 @@ class WorkerPool:
     async def prefill(self, worker: int, key: str, token_ids: np.ndarray, options: PrefillOptions):
         """Async generator of the worker's prefill messages (protocol.Progress, then one final
         message): over a replica's direct channel, or the pipeline's Ray stream."""
-        from .channel import ChannelUnreachable, call_prefill
+        from .channel import ChannelUnreachable
 
         if worker == self.pipeline_index:
             stream = self.pipeline.prefill.options(num_returns="streaming").remote(key, token_ids, options)
@@ -521,9 +521,9 @@ class WorkerPool:
             return
         for attempt in range(2):
             # a restarted replica listens elsewhere: ask it again once (nothing was sent yet)
-            endpoint = await self._channel_endpoint(worker, fresh=attempt > 0)
+            channel = await self._channel(worker, fresh=attempt > 0)
             try:
-                async with contextlib.aclosing(call_prefill(endpoint, key, token_ids, options)) as messages:
+                async with contextlib.aclosing(channel.prefill(key, token_ids, options)) as messages:
                     async for message in messages:
                         yield message
                 return
@@ -531,12 +531,22 @@ class WorkerPool:
                 if attempt:
                     raise
 
-    async def _channel_endpoint(self, worker: int, fresh: bool):
-        endpoint = None if fresh else self._endpoints.get(worker)
-        if endpoint is None:
-            endpoint = await self.actors[worker].channel_endpoint.remote()
-            self._endpoints[worker] = endpoint
-        return endpoint
+    async def _channel(self, worker: int, fresh: bool):
+        """The replica's channel.ChannelClient, asking the replica where it listens when none is
+        known or `fresh` is asked for."""
+        from .channel import ChannelClient
+
+        channel = None if fresh else self._channels.get(worker)
+        if channel is None:
+            channel = ChannelClient(await self.actors[worker].channel_endpoint.remote())
+            self._forget_channel(worker)
+            self._channels[worker] = channel
+        return channel
+
+    def _forget_channel(self, worker: int) -> None:
+        channel = self._channels.pop(worker, None)
+        if channel is not None:
+            channel.close()
 
     def cancel(self, worker: int, key: str):
         return self._actor(worker).cancel.remote(key)
@@ -567,9 +577,9 @@ class WorkerPool:
             return WorkerState(alive=False, gone=True)  # new calls to a restarting actor wait instead
         except (TimeoutError, ray.exceptions.RayError):
             return WorkerState(alive=False)
-        endpoint = self._endpoints.get(worker)
-        if endpoint is not None and endpoint.incarnation != incarnation:  # restarted: asked anew
-            self._endpoints.pop(worker, None)
+        channel = self._channels.get(worker)
+        if channel is not None and channel.endpoint.incarnation != incarnation:  # restarted: ask anew
+            self._forget_channel(worker)
         return WorkerState(alive=True, incarnation=incarnation, ready=ready)
 
     def replace(self, worker: int) -> None:
@@ -591,7 +601,7 @@ class WorkerPool:
             actor = self._make_actor(self.names[worker])
             ray.get(actor.ping.remote())
             self.actors[worker] = actor
-            self._endpoints.pop(worker, None)
+            self._forget_channel(worker)
         log.warning("replaced %s, which was gone for good", self.names[worker])
 
     def fetch(
@@ -637,6 +647,8 @@ class WorkerPool:
                 pass  # its stages go with it: they are its actors
             ray.kill(self.pipeline)
             self.pipeline = None
+        for worker in list(self._channels):
+            self._forget_channel(worker)
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []

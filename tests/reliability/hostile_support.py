@@ -64,7 +64,7 @@ class NullPool:
 
     def prefill(self, worker, key, token_ids, options):
         self.calls.append("prefill")
-        return _items(PrefillFailed("invalid", NULL_POOL_MESSAGE))
+        return _messages(PrefillFailed("invalid", NULL_POOL_MESSAGE))
 
     def fetch(self, worker, handle, *args):
         self.calls.append("fetch")
@@ -88,6 +88,12 @@ class NullPool:
     async def release(self, worker, handle):
         self.calls.append("release")
         return 0
+
+
+async def _messages(*messages):
+    """Like WorkerPool.prefill: an async iterator of the worker's messages."""
+    for message in messages:
+        yield message
 
 
 async def _items(*items):
