@@ -1,7 +1,8 @@
 """What the server asks of a worker and what the worker answers: typed messages, one home.
 
-A prefill is asked with `PrefillOptions` and answered by a Ray streaming generator that yields a
-`Progress` after every chunk, then exactly one final message:
+A prefill is asked with `PrefillOptions` and answered by a stream (a replica's direct channel,
+workers/channel.py, or the pipeline's Ray streaming generator) that yields a `Progress` after
+every chunk, then exactly one final message:
 
     PrefillDone       the prefill finished; its KV is kept under `options.keep_handle`, if any
     PrefillStopped    it was cancelled (or abandoned); nothing is kept

@@ -385,8 +385,9 @@ _WORKER_RESTARTS = 3  # restarts Ray makes by itself; after those the server rep
 
 
 class WorkerPool:
-    """The actors plus what the server needs to route to them. Methods return Ray refs or
-    ObjectRefGenerators, which the server awaits / iterates asynchronously."""
+    """The actors plus what the server needs to route to them. `prefill` is an async generator of
+    the worker's messages; the other methods return Ray refs or ObjectRefGenerators, which the
+    server awaits / iterates asynchronously."""
 
     def __init__(
         self,
