@@ -14,7 +14,6 @@ protobuf parse of their bulk fields (workers/kv_wire.py), over several streams a
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -110,13 +109,6 @@ class PrefillOutcome:
 FETCH_STREAMS = 4
 
 
-def _raw_fetch_call(channel: grpc.Channel):
-    """FetchKV on `channel`, its answers left as raw bytes (read by kv_wire.read_chunk)."""
-    return channel.unary_stream(
-        _FETCH_KV, request_serializer=pb.FetchKVRequest.SerializeToString, response_deserializer=None
-    )
-
-
 class PrefillClient:
     def __init__(
         self,
@@ -130,46 +122,21 @@ class PrefillClient:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
-        self._open_channel = None  # makes one more channel to the target (None: `channel` given)
         if channel is None:
             if root_certificates is not None:
                 credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-
-                def open_channel(extra=()):
-                    return grpc.secure_channel(target, credentials, options=options + list(extra))
+                channel = grpc.secure_channel(target, credentials, options=options)
             else:
-
-                def open_channel(extra=()):
-                    return grpc.insecure_channel(target, options=options + list(extra))
-
-            self._open_channel = open_channel
-            channel = open_channel()
+                channel = grpc.insecure_channel(target, options=options)
         self.channel = channel
         self.stub = pb_grpc.PrefillServiceStub(channel)
-        self._fetch_raw = _raw_fetch_call(channel)
+        # FetchKV's answers as raw bytes, read by kv_wire.read_chunk
+        self._fetch_raw = channel.unary_stream(
+            _FETCH_KV, request_serializer=pb.FetchKVRequest.SerializeToString, response_deserializer=None
+        )
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        # parallel FetchKV streams beyond the first, each over a connection of its own
-        self._fetch_channels: list = []
-        self._fetch_lock = threading.Lock()
-
-    def _fetch_calls(self, count: int) -> list:
-        """`count` FetchKV call objects: the client's own channel, then channels with a
-        connection each (grpc multiplexes the calls of one channel over one TCP connection,
-        whose framing then bounds them together; a channel given to the constructor is
-        shared by all)."""
-        if self._open_channel is None:
-            return [self._fetch_raw] * count
-        with self._fetch_lock:
-            while len(self._fetch_channels) < count - 1:
-                # a local subchannel pool: this channel does not share the others' connection
-                self._fetch_channels.append(self._open_channel([("grpc.use_local_subchannel_pool", 1)]))
-            return [self._fetch_raw, *(_raw_fetch_call(c) for c in self._fetch_channels[: count - 1])]
 
     def close(self) -> None:
-        with self._fetch_lock:
-            channels, self._fetch_channels = self._fetch_channels, []
-        for channel in channels:
-            channel.close()
         self.channel.close()
 
     def __enter__(self) -> PrefillClient:
@@ -306,7 +273,6 @@ class PrefillClient:
         last = self.model_info(timeout=timeout).num_layers if layer_end is None else layer_end
         bounds = np.linspace(first, last, min(streams, last - first) + 1).round().astype(int).tolist()
         ranges = list(zip(bounds[:-1], bounds[1:], strict=True))
-        fetch_calls = self._fetch_calls(len(ranges))
         with ThreadPoolExecutor(len(ranges), thread_name_prefix="fetch-kv") as threads:
             calls = [
                 threads.submit(
@@ -318,7 +284,6 @@ class PrefillClient:
                     end,
                     include_token_ids and i == 0,
                     timeout,
-                    fetch_calls[i],
                 )
                 for i, (start, end) in enumerate(ranges)
             ]
@@ -335,7 +300,6 @@ class PrefillClient:
         layer_end: int | None = None,
         include_token_ids: bool = False,
         timeout: float | None = None,
-        _call=None,
     ) -> None:
         """One FetchKV call, every chunk handed to `sink` as it arrives."""
         request = pb.FetchKVRequest(
@@ -345,7 +309,7 @@ class PrefillClient:
             request.layer_start = layer_start
         if layer_end is not None:
             request.layer_end = layer_end
-        for data in (_call or self._fetch_raw)(request, timeout=timeout, metadata=self._metadata):
+        for data in self._fetch_raw(request, timeout=timeout, metadata=self._metadata):
             deliver(read_chunk(data), sink)
 
     def map_kv(
