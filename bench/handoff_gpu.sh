@@ -7,7 +7,8 @@
 #                                       32k and 128k, by CUDA IPC and by FetchKV
 #   bash bench/handoff_gpu.sh grpc128   FetchKV alone at 128k over 4 streams of 16 MiB pieces
 #   bash bench/handoff_gpu.sh fixed     where the fixed cost goes (bench/fixed_cost.py), 1B shape,
-#                                       512 and 32k tokens
+#                                       512 and 32k tokens; needs opentelemetry-api/-sdk/
+#                                       -semantic-conventions wheels in .device (the image has none)
 # Several phases may be named at once; each runs under `timeout` and the next one runs whatever it
 # ended with. Results go to $OUT (default /tmp/handoff-out) as JSON with a log; random-weight models
 # are written once per machine under /tmp.

@@ -77,6 +77,8 @@ class PrefillServiceServicer:
     def Prefill(self, request, context):
         """Prefills one prompt. Events, in order: accepted, progress (zero or more), logits (zero or
         more pieces), inline KV chunks (when asked for), the KV handle (when asked for), summary.
+        The handle is the caller's once the summary has been sent: a call that ends before it
+        (cancelled, past its deadline) frees the KV behind the handle.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

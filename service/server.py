@@ -384,6 +384,7 @@ class PrefillServer(KVHandleRPCs, Upkeep, pb_grpc.PrefillServiceServicer):
         key = uuid.uuid4().hex
         keep_handle = new_handle() if plan.kv_return != "none" else None
         kept = False  # KV stored on the worker that no lease owns yet
+        unclaimed = None  # the lease this call made, until its summary is sent (then the caller's)
         # a request that chose no attention settings runs the worker's defaults: its calibrated
         # profile when it has one (sharded stages have none, so they always get the settings)
         worker_defaults = not plan.attention_chosen and stages == 1
@@ -451,16 +452,19 @@ class PrefillServer(KVHandleRPCs, Upkeep, pb_grpc.PrefillServiceServicer):
                     header=result.header,
                     last_token_id=int(plan.token_ids[-1]),
                 )
-                kept = False
+                kept, unclaimed = False, lease
                 yield self._handle_event(lease, plan, principal, header, worker_name)
             returning.end()
             summary = self._summary(plan, result, queue_seconds, accepted_at)
             rpc.set(sparsity=summary.sparsity)
             yield pb.PrefillEvent(summary=summary)
+            unclaimed = None
         finally:
             if kept:  # cancelled or failed after the worker kept KV: nobody owns it
                 with contextlib.suppress(Exception):
                     await wire.finish_despite_cancellation(self.pool.release(worker, keep_handle))
+            if unclaimed is not None:
+                await wire.finish_despite_cancellation(self._release_unclaimed(unclaimed))
             self._prefills.discard(handler)
 
     async def _inline_kv(self, worker: int, handle: str, plan: PrefillPlan, header: pb.KVHeader):
@@ -488,6 +492,20 @@ class PrefillServer(KVHandleRPCs, Upkeep, pb_grpc.PrefillServiceServicer):
                 worker=worker_name,
             )
         )
+
+    async def _release_unclaimed(self, lease) -> None:
+        """Frees the KV of a handle whose Prefill call ended (cancelled, past its deadline) before
+        its summary: the caller may never have read the handle, and nobody else knows it. A
+        caller that did read it and then cancelled loses it too (the proto says so)."""
+        try:
+            self.leases.release(lease.handle, lease.owner)
+        except ServiceError:  # already released by its caller, or lost with its worker
+            return
+        audit.handle_event(lease.handle, "released", lease.owner, reason="call_ended_before_summary")
+        log.info("released an unclaimed handle=%s... bytes=%d", lease.handle[:8], lease.kv_bytes)
+        with contextlib.suppress(Exception):
+            await self.pool.release(self._worker_index(lease.worker), lease.handle)
+        self._update_gauges()
 
     async def _abandon(self, worker: int, key: str, keep_handle: str | None) -> None:
         """Stops prefill `key` on its worker and waits until it has ended (the caller still holds

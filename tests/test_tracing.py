@@ -301,3 +301,38 @@ def test_serve_help_lists_the_tracing_flag(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     assert "--tracing" in capsys.readouterr().out
+
+
+class _HandlerContext:
+    """What Prefill reads of a grpc.aio context, to drive the handler without gRPC."""
+
+    def invocation_metadata(self):
+        return ()
+
+    def peer(self):
+        return "ipv4:127.0.0.1:1"
+
+    async def abort(self, code, details):
+        raise AssertionError(f"the call was refused: {code} {details}")
+
+
+def test_a_call_that_ends_before_its_summary_frees_its_handle(service, client):
+    """A caller that goes away after the KV handle event but before the summary may never have
+    read the handle, so nobody would release it until it expired: the server frees it."""
+    server, pool = service.server, service.pool
+
+    async def until_the_handle():
+        events = server.Prefill(client.request(token_ids=[1, 2, 3], kv="handle"), _HandlerContext())
+        kinds = []
+        async for event in events:
+            kinds.append(event.WhichOneof("event"))
+            if kinds[-1] == "kv_handle":
+                break
+        await events.aclose()  # what grpc does to the handler of a call its caller cancelled
+        return kinds
+
+    assert service.call(until_the_handle())[-1] == "kv_handle"
+    assert len(server.leases) == 0 and pool.kept == {}  # released on the worker too
+    outcome = client.prefill(token_ids=[1, 2, 3], kv="handle")  # read to its summary: kept
+    assert len(server.leases) == 1 and list(pool.kept) == [outcome.handle.handle]
+    client.release(outcome.handle.handle)

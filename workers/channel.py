@@ -1,10 +1,11 @@
 """A direct channel from the server to a replica worker, for the one call on every request's path:
 `prefill`. Everything else (cancel, abandon, fetch, share, release, probes) stays on Ray.
 
-Why: a Ray streaming call costs about 9 ms on an idle machine before any work is done (the
+Why: a Ray streaming call costs about 9 ms on an idle CPU machine before any work is done (the
 token ids and the result go through the object store, each progress item is an object of its
-own; bench/fixed_cost.py measured it), most of a request's fixed cost. Over this channel the
-same call is one TCP connection, one message out and a few back.
+own), most of a request's fixed cost. Over this channel the same call is one message out and a
+few back on a kept TCP connection; on an H200 host the hop to the worker and back fell from 8.5 to
+about 4 ms at 32k tokens (BENCHMARKS.md, "The prefill over a direct channel").
 
 Wire. The worker listens on its node's address (`PrefillChannel`, started on first use), and
 tells the server where and with which key through Ray (`PrefillWorker.channel_endpoint`, a
@@ -166,6 +167,9 @@ class PrefillChannel:
         try:
             call = _receive_frame(connection, MAX_CALL_BYTES)
         except (OSError, EOFError):  # the server closed an idle connection
+            return False
+        except Exception as error:  # a frame that does not unpickle: this peer is not our server
+            log.warning("prefill channel: an unreadable call: %s: %s", type(error).__name__, error)
             return False
         if not isinstance(call, PrefillCall):
             log.warning("prefill channel: expected a PrefillCall, got %s", type(call).__name__)
