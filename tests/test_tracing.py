@@ -22,7 +22,7 @@ from opentelemetry.trace import StatusCode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent / "reliability"))
 from _support import wait_for  # noqa: E402
-from hostile_support import NullPool  # noqa: E402
+from hostile_support import NullPool, prefill_stream  # noqa: E402
 
 from proxyprefill.service import config as config_mod  # noqa: E402
 from proxyprefill.service import tracing  # noqa: E402
@@ -77,16 +77,11 @@ class QuickPool(NullPool):
             attention="proxy",
             profile="",
         )
-        return _items(Progress(n, n), result)
+        return prefill_stream(Progress(n, n), result)
 
     async def release(self, worker, handle):
         self.calls.append("release")
         return self.kept.pop(handle, 0)
-
-
-async def _items(*messages):  # as WorkerPool.prefill yields them
-    for message in messages:
-        yield message
 
 
 async def _progress_then_wait(n):

@@ -64,7 +64,7 @@ class NullPool:
 
     def prefill(self, worker, key, token_ids, options):
         self.calls.append("prefill")
-        return _messages(PrefillFailed("invalid", NULL_POOL_MESSAGE))
+        return prefill_stream(PrefillFailed("invalid", NULL_POOL_MESSAGE))
 
     def fetch(self, worker, handle, *args):
         self.calls.append("fetch")
@@ -90,7 +90,7 @@ class NullPool:
         return 0
 
 
-async def _messages(*messages):
+async def prefill_stream(*messages):
     """Like WorkerPool.prefill: an async iterator of the worker's messages."""
     for message in messages:
         yield message
