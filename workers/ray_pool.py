@@ -539,9 +539,11 @@ class WorkerPool:
 
         channel = None if fresh else self._channels.get(worker)
         if channel is None:
-            channel = ChannelClient(await self.actors[worker].channel_endpoint.remote())
-            self._forget_channel(worker)
-            self._channels[worker] = channel
+            endpoint = await self.actors[worker].channel_endpoint.remote()
+            channel = self._channels.get(worker)
+            if channel is None or channel.endpoint != endpoint:  # not already known by a call meanwhile
+                self._forget_channel(worker)
+                channel = self._channels[worker] = ChannelClient(endpoint)
         return channel
 
     def _forget_channel(self, worker: int) -> None:
