@@ -178,7 +178,7 @@ class ServerConfig:
 
     def pool_kwargs(self) -> dict:
         """WorkerPool.start's options."""
-        from proxyprefill.workers.ray_pool import WarmUpPlan
+        from proxyprefill.workers.prefill_worker import WarmUpPlan
 
         return {
             "num_workers": self.num_workers,

@@ -13,6 +13,8 @@ import logging
 
 import grpc
 
+from proxyprefill.workers.channel import WorkerChannelLost
+
 log = logging.getLogger("proxyprefill.service")
 
 
@@ -29,8 +31,6 @@ class WorkerGone(Exception):
 
 def worker_error(error: Exception) -> ServiceError:
     """A worker that died answers UNAVAILABLE (retryable); anything else INTERNAL."""
-    from proxyprefill.workers.channel import WorkerChannelLost
-
     name = type(error).__name__
     ray_lost = "ActorDied" in name or "ActorUnavailable" in name or "RayActorError" in name
     if ray_lost or isinstance(error, WorkerChannelLost):

@@ -1,5 +1,5 @@
 """The service's sharded route: a Ray actor that runs requests on pipeline stages and answers the
-server with the same calls, items and handles as a pool worker (workers/ray_pool.PrefillWorker).
+server with the same calls, items and handles as a pool worker (workers/prefill_worker.PrefillWorker).
 
 The server treats it as one more worker (named "pipeline"): `prefill` streams Progress messages
 and one final message (workers/protocol.py), `fetch` streams a kept request's KV pieces,

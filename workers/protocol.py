@@ -10,7 +10,7 @@ every chunk, then exactly one final message:
 
 A KV fetch stream yields the pieces of kv_wire (`layer_pieces`, `token_pieces`), or first
 `KVMissing` when the worker no longer holds the KV, or `KVUnavailable` when a pipeline stage
-died while streaming. Both worker kinds (workers/ray_pool.py, workers/pipeline_worker.py) answer
+died while streaming. Both worker kinds (workers/prefill_worker.py, workers/pipeline_worker.py) answer
 in these messages, and the server (service/server.py, service/kv_handles.py) reads only them.
 """
 

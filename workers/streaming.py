@@ -1,4 +1,4 @@
-"""What every worker actor shares (workers/ray_pool.py's PrefillWorker and
+"""What every worker actor shares (workers/prefill_worker.py's PrefillWorker and
 workers/pipeline_worker.py's PipelineWorker): per-request stop flags, outcome counters, and
 running one prefill on a reused helper thread while its progress streams out of a Ray streaming
 generator as `protocol.Progress` messages.

@@ -370,7 +370,7 @@ class Campaign:
     def snapshot(self) -> Snapshot:
         import ray
 
-        from proxyprefill.workers.ray_pool import resident_bytes
+        from proxyprefill.workers.prefill_worker import resident_bytes
 
         stats = ray.get([self.pool.stats(i) for i in range(len(self.pool.actors))], timeout=120)
         server = self.service.server

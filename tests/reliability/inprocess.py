@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from proxyprefill.workers.ray_pool import PrefillWorker, WarmUpPlan, WorkerState
+from proxyprefill.workers.prefill_worker import PrefillWorker, WarmUpPlan
+from proxyprefill.workers.ray_pool import WorkerState
 
 FETCH_DEPTH = 8  # as WorkerPool.fetch's _generator_backpressure_num_objects
 _END = object()

@@ -15,7 +15,7 @@ from proxyprefill.service import config as config_mod  # noqa: E402
 from proxyprefill.service.client import PrefillClient  # noqa: E402
 from proxyprefill.service.local import LocalService  # noqa: E402
 from proxyprefill.workers.engine import WARM_UP_TAIL, PrefillEngine  # noqa: E402
-from proxyprefill.workers.ray_pool import WarmUpPlan  # noqa: E402
+from proxyprefill.workers.prefill_worker import WarmUpPlan  # noqa: E402
 
 from .inprocess import InProcessPool  # noqa: E402
 
