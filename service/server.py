@@ -45,6 +45,7 @@ from grpc_reflection.v1alpha import reflection
 
 from proxyprefill.protos import prefill_pb2 as pb
 from proxyprefill.protos import prefill_pb2_grpc as pb_grpc
+from proxyprefill.workers.heap import keep_freed_memory
 from proxyprefill.workers.kv_wire import encode_event, header_message, pass_through
 from proxyprefill.workers.prompts import PromptEncoder
 from proxyprefill.workers.protocol import (
@@ -140,6 +141,7 @@ class PrefillServer(KVHandleRPCs, Upkeep, pb_grpc.PrefillServiceServicer):
     # lifecycle -------------------------------------------------------------------------------
     async def start(self) -> int:
         """Binds, starts serving, and returns the port (useful with listen 'HOST:0')."""
+        keep_freed_memory()  # the server's process: every request's buffers, reused (workers/heap.py)
         if self.served.has_tokenizer:
             self._prompts = PromptEncoder(await asyncio.to_thread(self.pool.tokenizer))
         limit = self.config.max_message_bytes

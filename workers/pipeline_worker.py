@@ -48,6 +48,9 @@ class PipelineWorker(StreamingPrefills):
         stage_memory_bytes: int = 0,
         request_timeout_s: float = 600.0,
     ):
+        from .heap import keep_freed_memory
+
+        keep_freed_memory()  # this actor's process (workers/heap.py)
         if max_stages < 2:
             raise ValueError(f"a pipeline needs at least 2 stages, got {max_stages}")
         self.name = name

@@ -120,8 +120,10 @@ class PrefillWorker(StreamingPrefills):
         import torch
 
         from proxyprefill.workers.engine import PrefillEngine
+        from proxyprefill.workers.heap import keep_freed_memory
         from proxyprefill.workers.kv_share import CudaExports
 
+        keep_freed_memory()  # this actor's process: every request's buffers, reused (workers/heap.py)
         if torch_threads:
             torch.set_num_threads(torch_threads)
         kwargs = dict(engine_kwargs)
