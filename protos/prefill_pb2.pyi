@@ -50,10 +50,12 @@ KV_TRANSPORT_SHARED_MEMORY: KVTransport
 KV_TRANSPORT_CUDA_IPC: KVTransport
 
 class TokenIds(_message.Message):
-    __slots__ = ("ids",)
+    __slots__ = ("ids", "packed_int32")
     IDS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_INT32_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    packed_int32: bytes
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., packed_int32: _Optional[bytes] = ...) -> None: ...
 
 class ReturnOptions(_message.Message):
     __slots__ = ("kv", "logits", "logit_positions", "lease_seconds", "include_token_ids")

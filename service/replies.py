@@ -9,6 +9,7 @@ import numpy as np
 
 from proxyprefill import __version__
 from proxyprefill.protos import prefill_pb2 as pb
+from proxyprefill.workers.kv_wire import NUMPY_DTYPES
 from proxyprefill.workers.protocol import PrefillDone, WorkerDescription
 
 from .config import ServerConfig
@@ -16,18 +17,19 @@ from .validation import Limits, PrefillPlan
 
 
 def logit_pieces(result: PrefillDone, max_bytes: int):
-    """The result's logits as Logits messages of at most `max_bytes` of rows each."""
+    """The result's logits as Logits messages of at most `max_bytes` of rows each, in the dtype the
+    worker sent them in (the model's when that is exact: protocol.narrowest_logits)."""
     logits = result.logits
     if logits is None or logits.shape[0] == 0:
         return
-    logits = np.ascontiguousarray(logits, dtype="<f4")
+    logits = np.ascontiguousarray(logits, dtype=NUMPY_DTYPES[result.logits_dtype])
     positions = result.logit_positions
-    rows = max(1, max_bytes // (logits.shape[1] * 4))
+    rows = max(1, max_bytes // (logits.shape[1] * logits.itemsize))
     for start in range(0, logits.shape[0], rows):
         part = logits[start : start + rows]
         yield pb.Logits(
             positions=positions[start : start + rows],
-            dtype="float32",
+            dtype=result.logits_dtype,
             shape=list(part.shape),
             data=part.tobytes(),
         )

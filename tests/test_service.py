@@ -225,10 +225,11 @@ def test_decode_from_handle_equals_generate_on_the_full_prompt(service, client, 
 # errors --------------------------------------------------------------------------------------
 def test_request_errors_return_their_status_and_the_server_stays_healthy(service, client, pool):
     cases = [
-        (dict(token_ids=[1, 2, 10**6]), grpc.StatusCode.INVALID_ARGUMENT, "tokens.ids[2]"),
+        # the client packs token ids (TokenIds.packed_int32); errors name that field
+        (dict(token_ids=[1, 2, 10**6]), grpc.StatusCode.INVALID_ARGUMENT, "tokens.packed_int32[2]"),
         (dict(token_ids=[]), grpc.StatusCode.INVALID_ARGUMENT, "tokens.ids"),
         (dict(text=""), grpc.StatusCode.INVALID_ARGUMENT, "text"),
-        (dict(token_ids=[5] * 9000), grpc.StatusCode.OUT_OF_RANGE, "tokens.ids"),
+        (dict(token_ids=[5] * 9000), grpc.StatusCode.OUT_OF_RANGE, "tokens.packed_int32"),
         (dict(token_ids=[5] * 10, chunk_size=100), grpc.StatusCode.INVALID_ARGUMENT, "chunk_size"),
         (dict(token_ids=[5] * 10, gamma=0.01), grpc.StatusCode.INVALID_ARGUMENT, "attention.gamma"),
     ]

@@ -11,6 +11,7 @@ from proxyprefill.protos import prefill_pb2 as pb
 from proxyprefill.service import config as config_mod
 from proxyprefill.service.admission import Admission, AdmissionError
 from proxyprefill.service.auth import Authenticator, AuthError, parse_tokens, peer_principal
+from proxyprefill.service.client import packed_int32
 from proxyprefill.service.leases import HANDLE_PATTERN, LeaseError, LeaseTable, new_handle
 from proxyprefill.service.validation import Limits, RequestError, validate_prefill
 
@@ -250,6 +251,33 @@ def test_validation_defaults():
     assert plan.token_ids.dtype == np.int64 and plan.num_tokens == 5 and len(plan.request_id) == 32
 
 
+def test_packed_token_ids_read_as_the_repeated_ones():
+    ids = [0, 1, 7, 99, 42]
+    packed = validate_prefill(
+        pb.PrefillRequest(tokens=pb.TokenIds(packed_int32=packed_int32(ids))), LIMITS, None
+    )
+    repeated = validate_prefill(pb.PrefillRequest(tokens=pb.TokenIds(ids=ids)), LIMITS, None)
+    assert (
+        packed.token_ids.dtype == np.int64 and packed.token_ids.tolist() == repeated.token_ids.tolist() == ids
+    )
+
+
+@pytest.mark.parametrize(
+    "token_ids", [[3, 1, 2], (3, 1, 2), np.array([3, 1, 2], np.int64), np.array([[3, 1, 2]])]
+)
+def test_the_client_packs_lists_arrays_and_tensors_alike(token_ids):
+    import torch
+
+    assert np.frombuffer(packed_int32(token_ids), "<i4").tolist() == [3, 1, 2]
+    assert packed_int32(torch.tensor([3, 1, 2])) == packed_int32(token_ids)
+
+
+@pytest.mark.parametrize("token_ids", [[1, 2.5], [1, "2"], [2**31], np.array([1.0, 2.0]), np.array([2**40])])
+def test_the_client_refuses_ids_it_cannot_pack(token_ids):
+    with pytest.raises(ValueError, match="token_ids"):
+        packed_int32(token_ids)
+
+
 def test_validation_text_uses_the_tokenizer():
     plan = validate_prefill(
         pb.PrefillRequest(text="a b c"), LIMITS, WordPrompts(lambda text: [7] * len(text.split()))
@@ -265,6 +293,27 @@ def test_validation_text_uses_the_tokenizer():
         ({"tokens": pb.TokenIds(ids=[1, 100])}, "INVALID_ARGUMENT", "tokens.ids[1]"),
         ({"tokens": pb.TokenIds(ids=[-1])}, "INVALID_ARGUMENT", "tokens.ids[0]"),
         ({"tokens": pb.TokenIds(ids=[1] * 1001)}, "OUT_OF_RANGE", "tokens.ids"),
+        ({"tokens": pb.TokenIds(packed_int32=b"\x01\x00\x00")}, "INVALID_ARGUMENT", "tokens.packed_int32"),
+        (
+            {"tokens": pb.TokenIds(packed_int32=np.int32([1, 100]).tobytes())},
+            "INVALID_ARGUMENT",
+            "tokens.packed_int32[1]",
+        ),
+        (
+            {"tokens": pb.TokenIds(packed_int32=np.int32([3, -1]).tobytes())},
+            "INVALID_ARGUMENT",
+            "tokens.packed_int32[1]",
+        ),
+        (
+            {"tokens": pb.TokenIds(ids=[1], packed_int32=np.int32([1]).tobytes())},
+            "INVALID_ARGUMENT",
+            "tokens.ids and",
+        ),
+        (
+            {"tokens": pb.TokenIds(packed_int32=np.int32([1] * 1001).tobytes())},
+            "OUT_OF_RANGE",
+            "tokens.packed_int32",
+        ),
         ({"text": ""}, "INVALID_ARGUMENT", "input"),
         ({"chunk_size": 100}, "INVALID_ARGUMENT", "chunk_size"),
         ({"chunk_size": 200}, "INVALID_ARGUMENT", "chunk_size"),
@@ -440,3 +489,58 @@ def test_cli_prompt_flags(tmp_path):
         with pytest.raises(PromptArgumentError) as caught:
             prompt_from_args(_prompt_args(**flags))
         assert str(caught.value).startswith(flag), caught.value
+
+
+# logits on the wire ----------------------------------------------------------------------------
+def _finished_result(logits, dtype: str):
+    """What PrefillDone.from_result reads of an engine's PrefillResult."""
+    from types import SimpleNamespace
+
+    import torch
+
+    header = SimpleNamespace(dtype=dtype)  # only the dtype matters to the logits
+    return SimpleNamespace(logits=logits, header=header, token_ids=torch.arange(4))
+
+
+@pytest.mark.parametrize(
+    "model_dtype, exact, sent_as",
+    [("bfloat16", True, "bfloat16"), ("bfloat16", False, "float32"), ("float32", True, "float32")],
+)
+def test_logits_travel_in_the_models_dtype_only_when_that_is_exact(model_dtype, exact, sent_as):
+    import torch
+
+    from proxyprefill.service.client import tensor_from_bytes
+    from proxyprefill.service.replies import logit_pieces
+    from proxyprefill.workers.protocol import narrowest_logits
+
+    logits = torch.randn(3, 1000).to(torch.bfloat16).float()  # what a bf16 LM head widened makes
+    if not exact:
+        logits[1, 7] += 1e-4  # not a bfloat16 value: narrowing would change it
+    raw, dtype = narrowest_logits(_finished_result(logits, model_dtype))
+    assert dtype == sent_as and raw.nbytes == logits.numel() * (2 if sent_as == "bfloat16" else 4)
+
+    done = _worker_answer(raw, dtype, positions=[0, 1, 2])
+    pieces = list(logit_pieces(done, max_bytes=2 * raw.itemsize * 1000))  # two rows a piece
+    assert [list(p.positions) for p in pieces] == [[0, 1], [2]] and {p.dtype for p in pieces} == {sent_as}
+    received = torch.cat([tensor_from_bytes(p.data, p.dtype, p.shape) for p in pieces]).float()
+    assert torch.equal(received, logits)  # exact, whichever dtype it came in
+
+
+def _worker_answer(logits, logits_dtype, positions):
+    """What replies.logit_pieces reads of a PrefillDone."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(logits=logits, logits_dtype=logits_dtype, logit_positions=positions)
+
+
+def test_malloc_thresholds_are_set_unless_the_environment_sets_them(monkeypatch):
+    import platform
+
+    from proxyprefill.workers.heap import keep_freed_memory
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1048576")
+    assert keep_freed_memory() is False  # the operator's choice stands
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is glibc
