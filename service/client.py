@@ -34,6 +34,7 @@ from proxyprefill.workers.kv_wire import (
     deliver,
     header_from_message,
     read_chunk,
+    widened,
 )
 from proxyprefill.workers.prompts import ChatMessage
 
@@ -70,6 +71,13 @@ def packed_int32(token_ids) -> bytes:
     if ids.size and (ids.min() < -(2**31) or ids.max() >= 2**31):
         raise ValueError("token_ids must fit in int32")
     return ids.astype("<i4").tobytes()
+
+
+def logits_from_message(message: pb.Logits) -> np.ndarray:
+    """A Logits piece as float32 [rows, vocab], widened exactly from the dtype it came in (numpy:
+    one thread, where torch's CPU conversion wakes a thread pool per call)."""
+    raw = np.frombuffer(message.data, dtype=NUMPY_DTYPES[message.dtype]).reshape(tuple(message.shape))
+    return widened(raw, message.dtype)
 
 
 def tensor_from_bytes(data: bytes, dtype: str, shape: Iterable[int]):
@@ -256,9 +264,7 @@ class PrefillClient:
             if which == "accepted":
                 outcome.accepted = event.accepted
             elif which == "logits":
-                logit_rows.append(
-                    tensor_from_bytes(event.logits.data, event.logits.dtype, event.logits.shape)
-                )
+                logit_rows.append(logits_from_message(event.logits))
                 outcome.logit_positions.extend(event.logits.positions)
             elif which == "kv_chunk":
                 sink = sink or TensorSink()
@@ -267,8 +273,10 @@ class PrefillClient:
                 outcome.handle = event.kv_handle
             elif which == "summary":
                 outcome.summary = event.summary
-        if logit_rows:  # bfloat16 logits (a bf16 model's, sent as made) widen exactly
-            outcome.logits = torch.cat(logit_rows).float()
+        if logit_rows:
+            outcome.logits = torch.from_numpy(
+                logit_rows[0] if len(logit_rows) == 1 else np.concatenate(logit_rows)
+            )
         if sink is not None:
             outcome.kv = transfer_from_sink(sink)
         return outcome

@@ -509,10 +509,11 @@ def _finished_result(logits, dtype: str):
 def test_logits_travel_in_the_models_dtype_only_when_that_is_exact(model_dtype, exact, sent_as):
     import torch
 
-    from proxyprefill.service.client import tensor_from_bytes
+    from proxyprefill.service.client import logits_from_message
     from proxyprefill.service.replies import logit_pieces
     from proxyprefill.workers.protocol import narrowest_logits
 
+    torch.manual_seed(0)
     logits = torch.randn(3, 1000).to(torch.bfloat16).float()  # what a bf16 LM head widened makes
     if not exact:
         logits[1, 7] += 1e-4  # not a bfloat16 value: narrowing would change it
@@ -522,8 +523,27 @@ def test_logits_travel_in_the_models_dtype_only_when_that_is_exact(model_dtype, 
     done = _worker_answer(raw, dtype, positions=[0, 1, 2])
     pieces = list(logit_pieces(done, max_bytes=2 * raw.itemsize * 1000))  # two rows a piece
     assert [list(p.positions) for p in pieces] == [[0, 1], [2]] and {p.dtype for p in pieces} == {sent_as}
-    received = torch.cat([tensor_from_bytes(p.data, p.dtype, p.shape) for p in pieces]).float()
+    received = torch.from_numpy(np.concatenate([logits_from_message(p) for p in pieces]))
     assert torch.equal(received, logits)  # exact, whichever dtype it came in
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_exact_narrowing_agrees_with_torch(dtype):
+    import torch
+
+    from proxyprefill.workers.kv_wire import NUMPY_DTYPES, exact_narrowing, widened
+
+    torch.manual_seed(0)
+    narrow = getattr(torch, dtype)
+    values = torch.randn(5000).to(narrow)
+    values[:3] = torch.tensor([0.0, -0.0, float("inf")], dtype=narrow)
+    raw = exact_narrowing(values.float().numpy(), dtype)
+    as_torch = values.view(torch.int16) if dtype == "bfloat16" else values
+    assert raw.dtype == np.dtype(NUMPY_DTYPES[dtype]) and np.array_equal(raw, as_torch.numpy())
+    assert torch.equal(torch.from_numpy(widened(raw, dtype)), values.float())
+    off_grid = values.float()
+    off_grid[100] += 1e-3 * abs(float(off_grid[100])) + 1e-6
+    assert exact_narrowing(off_grid.numpy(), dtype) is None
 
 
 def _worker_answer(logits, logits_dtype, positions):

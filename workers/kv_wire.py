@@ -34,6 +34,31 @@ from .kv_files import KVHeader
 # dtype names on the wire -> little-endian numpy dtypes (bfloat16 travels as int16, same bits)
 NUMPY_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<i2", "float64": "<f8", "int64": "<i8"}
 
+
+def exact_narrowing(values: np.ndarray, dtype: str) -> np.ndarray | None:
+    """float32 `values` as raw values of `dtype` ("bfloat16": its bit patterns as int16;
+    "float16"), or None when some value is not exactly one of `dtype`. numpy, so one thread:
+    torch's CPU ops would wake a pool of threads per call, which on a busy many-core host can
+    stall for milliseconds."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if dtype == "bfloat16":
+        bits = values.view(np.uint32)
+        if np.any(bits & 0xFFFF):  # a bfloat16 is a float32 whose low 16 bits are zero
+            return None
+        return (bits >> 16).astype(np.uint16).view(np.int16)
+    if dtype == "float16":
+        half = values.astype(np.float16)
+        return half if np.array_equal(half.astype(np.float32), values) else None
+    return None
+
+
+def widened(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Raw values of wire `dtype` (as NUMPY_DTYPES reads them) as a new float32 array, exactly."""
+    if dtype == "bfloat16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32)
+
+
 # field numbers of KVChunk's bulk fields, and of PrefillEvent's kv_chunk
 _KEYS, _VALUES, _TOKEN_IDS = 7, 8, 9
 _EVENT_KV_CHUNK = 4

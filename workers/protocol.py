@@ -69,16 +69,11 @@ def narrowest_logits(result) -> tuple[np.ndarray, str]:
     logits are bfloat16 values widened: sent as they were made they are exact at half the bytes
     (256 KB instead of 513 KB for a 128k vocabulary, which every request with logits carries from
     the worker to the client)."""
-    import torch
+    from .kv_wire import exact_narrowing
 
-    logits = result.logits.detach().to("cpu", torch.float32)
-    narrow = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(result.header.dtype)
-    if narrow is not None:
-        narrowed = logits.to(narrow)
-        if torch.equal(narrowed.float(), logits):
-            bits = narrowed.view(torch.int16) if narrow == torch.bfloat16 else narrowed
-            return bits.numpy(), result.header.dtype
-    return logits.numpy(), "float32"
+    logits = result.logits.detach().to("cpu").float().numpy()
+    narrowed = exact_narrowing(logits, result.header.dtype)
+    return (logits, "float32") if narrowed is None else (narrowed, result.header.dtype)
 
 
 @dataclass(frozen=True)
