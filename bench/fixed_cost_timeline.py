@@ -280,6 +280,8 @@ def main(argv=None) -> int:
             "attention": args.attention,
             "length": args.length,
             "chunk_size": args.chunk_size,
+            # the server's and the worker's malloc settings when the environment made them
+            "malloc_environment": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
             "segments": segments,
             "fixed_ms": {"median": statistics.median(fixed), "min": min(fixed), "max": max(fixed)},
             "requests": rows,

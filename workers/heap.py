@@ -5,9 +5,8 @@ blocks are freed, to at most 32 MiB) with a fresh mmap, and hands the top of its
 kernel once more than twice that threshold lies free there. A request's token ids (128-256 KB at
 32k tokens), its logits row (256-513 KB at a 128k vocabulary) and their pickles and protobuf
 copies sit right at that edge: what one request freed was handed back, and the next one faulted
-every page of it in again. On the H200 host that was about 1 ms of the server's work on a 32k
-request with a logits row (bench/fixed_cost_timeline.py; BENCHMARKS.md, "The fixed cost, seam by
-seam").
+every page of it in again. On an H200 host that was 1-1.5 ms of the server's work on a 32k request
+with a logits row (bench/fixed_cost_timeline.py; BENCHMARKS.md, "The fixed cost, seam by seam").
 
 `keep_freed_memory()` fixes both thresholds for the process: blocks up to 32 MiB come from the
 heap, and up to 256 MiB free at its top stays mapped for the next request. The price is a resident
