@@ -49,7 +49,7 @@ _ATTENTION = {
 
 def packed_int32(token_ids) -> bytes:
     """Token ids as little-endian int32 bytes (TokenIds.packed_int32). A list or tuple goes through
-    array.array, which refuses anything but ints in int32's range (about 0.7 ms at 32k ids, where
+    array.array, which refuses anything but ints in int32's range (about 1 ms at 32k ids, where
     protobuf's repeated field took 1.6 ms to fill and serialise); arrays and tensors through numpy,
     after the same checks."""
     if isinstance(token_ids, list | tuple):
